@@ -1,0 +1,743 @@
+"""knorm_lib: KnormPress (keep the keys with the lowest L2 norm) measured right.
+
+The one module the study's notebooks import. Sections, in reading order:
+
+1. loading      ``load_model`` (embedded SmolLM2 or any Hugging Face id / local path)
+2. data         ``load_corpus``, ``encode``
+3. policies     one small score function per policy (higher score = keep); ``register_policy``
+4. compression  ``n_kept_for``, ``KVCache``, ``compress_cache``, re-rotation
+5. evaluation   ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``generate_greedy``
+6. metrics      ``token_metrics``, ``generation_agreement``
+7. timing       ``machine_info``, ``timed``
+
+How to choose ``position_mode`` (the write-up's pitfall lives here):
+
+* ``"absolute"`` -- new tokens keep their true positions. This is correct: every cached key was
+  rotated by RoPE at its own position before it was cached, so attention over the kept keys is a
+  set operation and neither eviction nor storage order moves any key.
+* ``"cache_relative"`` -- new tokens are numbered from the *compressed* cache length, which is what
+  ``model(new_ids, past_key_values=cache)`` does when layer 0 of a transformers cache was
+  compressed and no ``position_ids`` are passed. Queries then sit at the wrong distance from every
+  key: this is the bug behind the write-up's 39.68 -> 155.91 jump.
+* ``"rerotated"`` -- kept keys are re-rotated to contiguous slots ``0..n_kept-1`` (in storage
+  order) and new tokens are numbered after them, like StreamingLLM's pos-shift and kvpress's
+  ``KeyRerotationPress``. Only here does storage order (``order="by_norm"``) matter.
+
+All evaluation is batch size 1 and unpadded; the attention function registered below builds its
+own causal mask from each layer's key length, so layers may hold caches of different lengths
+(``skip_layers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "load_model", "load_corpus", "encode", "Document",
+    "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
+    "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
+    "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep",
+    "generate_greedy", "token_metrics", "generation_agreement", "machine_info", "timed",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("KNORM_DATA_DIR", PROJECT_ROOT / "data"))
+DEFAULT_MODEL_DIR = DATA_DIR / "models" / "SmolLM2-135M-Instruct"
+CORPUS_DIR = DATA_DIR / "corpora"
+ATTN_IMPLEMENTATION = "knorm_study"
+
+PositionMode = Literal["absolute", "cache_relative", "rerotated"]
+Order = Literal["original", "by_norm"]
+POSITION_MODES: tuple[str, ...] = ("absolute", "cache_relative", "rerotated")
+ORDERS: tuple[str, ...] = ("original", "by_norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading
+# ----------------------------------------------------------------------------------------------
+
+# Per-layer attention masks for evaluators that need more than causal attention (the one-pass
+# streaming evaluator). ``None`` means plain causal attention.
+MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
+_MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA whose causal mask comes from this layer's own key length.
+
+    The ``q_len`` new queries are the last ``q_len`` tokens of ``key``; everything before them is
+    cache and fully visible. This is why layers may hold caches of different lengths.
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask_fn = _MASK_FN.get()
+    mask = mask_fn(module.layer_idx, key, q_len) if mask_fn is not None else None
+    is_causal = False
+    if mask is None and q_len > 1:
+        if q_len == k_len:
+            is_causal = True
+        else:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hugging Face ids look like "org/name"; anything else with a slash, a dot or a tilde is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
+               dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)`` in eval mode, using this module's attention function.
+
+    ``name=None`` loads the embedded SmolLM2-135M-Instruct that ``make data`` caches as
+    safetensors under ``data/models/``. Any Hugging Face id or local directory works too; weights
+    load from safetensors only and ``trust_remote_code`` stays off. ``device="auto"`` hands a model
+    larger than one GPU to accelerate (``device_map="auto"``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    _register_attention()
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try 'float32' or 'bfloat16')")
+        dtype = getattr(torch, dtype)
+    if name is None:
+        source = str(DEFAULT_MODEL_DIR)
+        if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+            raise FileNotFoundError(f"model_name=None: the embedded model is not at {DEFAULT_MODEL_DIR}; "
+                                    "run `make data` first")
+    else:
+        source = str(Path(name).expanduser()) if _looks_like_path(str(name)) else str(name)
+        if _looks_like_path(str(name)) and not Path(source).is_dir():
+            raise FileNotFoundError(f"model_name={str(name)!r}: no such model directory")
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+                                  trust_remote_code=False, use_safetensors=True)
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"model_name={str(name)!r}: cannot load it offline or from the hub ({err})") from err
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _layers(model: Any) -> Sequence[torch.nn.Module]:
+    return model.model.layers
+
+
+def _n_layers(model: Any) -> int:
+    return len(_layers(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+    n_tokens: int | None = None
+
+
+CORPORA: tuple[str, ...] = ("wiki", "news")
+
+
+def load_corpus(name: Literal["wiki", "news"] = "wiki") -> list[Document]:
+    """Documents of a corpus written by ``make data`` (``data/corpora/<name>.jsonl``)."""
+    if name not in CORPORA:
+        raise ValueError(f"corpus={name!r}: choose one of {CORPORA}")
+    path = CORPUS_DIR / f"{name}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"corpus={name!r}: {path} is missing; run `make data` first")
+    with path.open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [Document(r["title"], r["text"], r.get("n_tokens")) for r in rows]
+
+
+def encode(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` as a ``(1, n)`` LongTensor (no special tokens added), cut to ``max_tokens``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text: empty text has no tokens to evaluate")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[:, :max_tokens] if max_tokens is not None else ids
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Scores and policies (higher score = keep)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerKV:
+    """What a policy may look at for one layer: keys/values ``(B, H_kv, S, D)``, their original
+    positions ``(B, H_kv, S)``, and (for kvpress presses) the layer's input hidden states."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    layer_idx: int
+    module: torch.nn.Module | None = None
+    hidden_states: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    seed: int = 0     # ``random``
+    n_sink: int = 4   # ``streaming``
+
+
+ScoreFn = Callable[[LayerKV, PolicyOptions], torch.Tensor]
+POLICIES: dict[str, ScoreFn] = {}
+
+
+def register_policy(name: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: ``@register_policy("mine")`` on ``def mine(kv, opts) -> scores (B, H_kv, S)``
+    makes ``policy="mine"`` work everywhere (compression, evaluation, every notebook)."""
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        POLICIES[name] = fn
+        return fn
+    return wrap
+
+
+def _norms(keys: torch.Tensor) -> torch.Tensor:
+    # float32 on purpose: bf16 norms tie heavily (kvpress does the same).
+    return keys.float().norm(dim=-1)
+
+
+@register_policy("knorm")
+def knorm_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """KnormPress: keep the lowest key norms."""
+    return -_norms(kv.keys)
+
+
+@register_policy("high_norm")
+def high_norm_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """Ablation: keep the highest key norms (the paper finds this worse than random)."""
+    return _norms(kv.keys)
+
+
+@register_policy("random")
+def random_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """Uniform random, seeded per (seed, layer) so runs repeat."""
+    gen = torch.Generator().manual_seed(opts.seed * 100_003 + kv.layer_idx)
+    return torch.rand(kv.positions.shape, generator=gen).to(kv.keys.device)
+
+
+@register_policy("streaming")
+def streaming_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """StreamingLLM: the first ``n_sink`` tokens, then the most recent ones."""
+    pos = kv.positions.float()
+    return torch.where(kv.positions < opts.n_sink, pos.new_full((), float("inf")), pos)
+
+
+KVPRESS_POLICIES: dict[str, str] = {"snapkv": "SnapKVPress", "tova": "TOVAPress",
+                                    "expected_attention": "ExpectedAttentionPress"}
+
+
+def _press_score_fn(press: Any) -> ScoreFn:
+    def score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+        if kv.hidden_states is None or kv.module is None:
+            raise ValueError("policy: kvpress presses need the prefill's hidden states; "
+                             "use prefill(..., capture_hidden=True) (prefill_ppl and sweep do it)")
+        kwargs = {"position_embeddings": kv.position_embeddings,
+                  "cache_position": torch.arange(kv.keys.shape[2], device=kv.keys.device)}
+        return press.score(kv.module, kv.hidden_states, kv.keys, kv.values, None, kwargs).float()
+    return score
+
+
+def _make_kvpress(name: str) -> Any:
+    import kvpress
+
+    return getattr(kvpress, KVPRESS_POLICIES[name])()
+
+
+def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
+    """``(name, score_fn, needs_hidden_states)`` for a policy name or a kvpress ``ScorerPress``."""
+    if isinstance(policy, str):
+        if policy in POLICIES:
+            return policy, POLICIES[policy], False
+        if policy in KVPRESS_POLICIES:
+            return policy, _press_score_fn(_make_kvpress(policy)), True
+        raise ValueError(f"policy={policy!r}: unknown; choose one of "
+                         f"{sorted(POLICIES) + sorted(KVPRESS_POLICIES)} or pass a kvpress ScorerPress")
+    if hasattr(policy, "score") and hasattr(policy, "compression_ratio"):
+        return type(policy).__name__, _press_score_fn(policy), True
+    raise ValueError(f"policy={policy!r}: expected a policy name or a kvpress ScorerPress instance")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Compression
+# ----------------------------------------------------------------------------------------------
+
+def _check_keep_ratio(keep_ratio: float) -> float:
+    if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio) \
+            or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio={keep_ratio!r}: must be a number in (0, 1]")
+    return float(keep_ratio)
+
+
+def n_kept_for(n: int, keep_ratio: float) -> int:
+    """Tokens kept out of ``n``: exactly kvpress's ``compute_n_kept(n, 1 - keep_ratio)``."""
+    compression_ratio = 1 - _check_keep_ratio(keep_ratio)
+    return max(1, int(n * (1 - compression_ratio)))
+
+
+@dataclass
+class KVCache:
+    """A per-layer KV cache detached from transformers: ``keys``/``values`` ``(B, H_kv, S_l, D)``,
+    the original ``positions`` ``(B, H_kv, S_l)`` of what each layer holds, and ``seq_len``, the
+    number of tokens seen. Layers may hold different lengths (skipped layers are not compressed)."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    seq_len: int
+
+    @classmethod
+    def from_transformers(cls, cache: Any) -> "KVCache":
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        b, h, s, _ = keys[0].shape
+        pos = torch.arange(s, device=keys[0].device).expand(b, h, s)
+        return cls(keys, values, [pos] * len(keys), s)
+
+    def to_transformers(self) -> Any:
+        """A fresh ``DynamicCache`` holding these tensors (later updates never touch ``self``)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k, v, i)
+        return cache
+
+    def lengths(self) -> list[int]:
+        return [k.shape[2] for k in self.keys]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[int]:
+    skip = frozenset(skip_layers)
+    bad = [i for i in skip if not isinstance(i, int) or not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"skip_layers={tuple(skip_layers)!r}: {bad} outside the model's layers 0..{n_layers - 1}")
+    return skip
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {choices}")
+
+
+@torch.inference_mode()
+def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm",
+                   skip_layers: Iterable[int] = (0, 1), order: Order = "original",
+                   options: PolicyOptions = PolicyOptions(), layer_inputs: dict[int, dict] | None = None,
+                   scores: list[torch.Tensor] | None = None) -> KVCache:
+    """Keep, per layer and KV head, the ``n_kept_for(S, keep_ratio)`` tokens with the highest
+    policy score (``knorm``: the lowest key norms). ``skip_layers`` are left whole (default
+    ``(0, 1)``, the paper's choice; ``()`` compresses every layer). ``order="original"`` stores the
+    kept tokens in position order, ``"by_norm"`` by ascending key norm (what the write-up and the
+    paper's code store). ``scores`` (one ``(B, H_kv, S)`` tensor per layer) skips re-scoring."""
+    keep_ratio = _check_keep_ratio(keep_ratio)
+    skip = _check_skip_layers(skip_layers, len(cache.keys))
+    _check_choice("order", order, ORDERS)
+    if scores is None:
+        scores = policy_scores(cache, policy, options, layer_inputs, skip)
+    keys, values, positions = [], [], []
+    for i, (k, v, p) in enumerate(zip(cache.keys, cache.values, cache.positions)):
+        if i in skip or (keep_ratio == 1.0 and order == "original"):
+            keys.append(k), values.append(v), positions.append(p)
+            continue
+        n_kept = n_kept_for(k.shape[2], keep_ratio)
+        idx = scores[i].topk(n_kept, dim=-1).indices
+        if order == "original":
+            idx = idx.sort(dim=-1).values
+        else:
+            kept_norms = _norms(k).gather(2, idx)
+            idx = idx.gather(2, kept_norms.argsort(dim=-1, stable=True))
+        gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        keys.append(k.gather(2, gather_idx))
+        values.append(v.gather(2, gather_idx))
+        positions.append(p.gather(2, idx))
+    return KVCache(keys, values, positions, cache.seq_len)
+
+
+@torch.inference_mode()
+def policy_scores(cache: KVCache, policy: str | Any, options: PolicyOptions = PolicyOptions(),
+                  layer_inputs: dict[int, dict] | None = None,
+                  skip: Iterable[int] = ()) -> list[torch.Tensor | None]:
+    """One score tensor ``(B, H_kv, S)`` per layer (``None`` for skipped layers)."""
+    _, score_fn, needs_hidden = resolve_policy(policy)
+    if needs_hidden and not layer_inputs:
+        raise ValueError("policy: kvpress presses need the prefill's hidden states; "
+                         "use prefill(..., capture_hidden=True)")
+    skip = set(skip)
+    out: list[torch.Tensor | None] = []
+    for i, (k, v, p) in enumerate(zip(cache.keys, cache.values, cache.positions)):
+        if i in skip:
+            out.append(None)
+            continue
+        extra = (layer_inputs or {}).get(i, {})
+        out.append(score_fn(LayerKV(k, v, p, i, **extra), options))
+    return out
+
+
+def key_norms(model_or_cache: Any, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Key L2 norms, float32, shape ``(layers, H_kv, positions)``, from a ``KVCache`` or by
+    prefilling ``input_ids``. RoPE rotates coordinate pairs, so these equal the pre-RoPE norms."""
+    cache = model_or_cache if isinstance(model_or_cache, KVCache) else prefill(model_or_cache, input_ids).cache
+    return torch.stack([_norms(k)[0] for k in cache.keys])
+
+
+def value_norms(cache: KVCache) -> torch.Tensor:
+    """Value L2 norms, float32, ``(layers, H_kv, positions)`` (for contrast with key norms)."""
+    return torch.stack([_norms(v)[0] for v in cache.values])
+
+
+def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor:
+    """Apply RoPE by ``delta`` positions (per token, may be negative) to already-rotated keys."""
+    rotary = model.model.rotary_emb
+    b, h, s, d = keys.shape
+    cos, sin = rotary(keys, delta.reshape(1, -1).to(keys.device))
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    cos = (cos / scale).reshape(b, h, s, d).to(keys.dtype)
+    sin = (sin / scale).reshape(b, h, s, d).to(keys.dtype)
+    half = d // 2
+    rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    return keys * cos + rotated_half * sin
+
+
+def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
+    """Move each kept key to a contiguous slot (storage order), like StreamingLLM's pos-shift.
+
+    The shortest (compressed) layers map slot ``s`` to position ``s``; longer (skipped) layers are
+    shifted as a whole so their relative positions, and so their attention, stay exact. Returns the
+    new cache and the position the next token gets."""
+    next_position = min(cache.lengths())
+    keys, positions = [], []
+    for k, p in zip(cache.keys, cache.positions):
+        s = k.shape[2]
+        slots = torch.arange(s, device=k.device).expand_as(p) + (next_position - s)
+        keys.append(_rotate(k, slots - p, model))
+        positions.append(slots)
+    return KVCache(keys, list(cache.values), positions, cache.seq_len), next_position
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Evaluation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Prefill:
+    cache: KVCache
+    last_logits: torch.Tensor                       # (1, vocab): predicts the token after the context
+    layer_inputs: dict[int, dict] | None = None     # per layer: module, hidden_states, position_embeddings
+
+
+@contextlib.contextmanager
+def _capture_layer_inputs(model: Any, store: dict[int, dict]) -> Iterator[None]:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        store[module.layer_idx] = {"module": module, "hidden_states": hidden,
+                                   "position_embeddings": kwargs.get("position_embeddings")}
+
+    for layer in _layers(model):  # some presses (ExpectedAttention) read RoPE from the layer, as kvpress arranges
+        if not hasattr(layer.self_attn, "rotary_emb"):
+            layer.self_attn.rotary_emb = model.model.rotary_emb
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in _layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids: expected an integer tensor of token ids")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: expected shape (1, n), got {tuple(input_ids.shape)} (batch size 1 only)")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids: empty input has no tokens to evaluate")
+    return input_ids
+
+
+@torch.inference_mode()
+def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -> Prefill:
+    """One forward over ``input_ids``; returns the full cache (with original positions), the last
+    logits, and, with ``capture_hidden``, each attention layer's inputs (for kvpress presses)."""
+    from transformers import DynamicCache
+
+    input_ids = _check_ids(input_ids).to(model.device)
+    store: dict[int, dict] = {}
+    ctx = _capture_layer_inputs(model, store) if capture_hidden else contextlib.nullcontext()
+    with ctx:
+        out = model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    return Prefill(KVCache.from_transformers(out.past_key_values), out.logits[:, -1].float(),
+                   store if capture_hidden else None)
+
+
+@torch.inference_mode()
+def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
+                        position_mode: PositionMode = "absolute") -> torch.Tensor:
+    """Logits ``(T, vocab)`` for ``new_ids`` fed teacher-forced in one forward over ``cache``.
+
+    ``position_mode`` numbers the new tokens: ``absolute`` from ``cache.seq_len`` (true positions),
+    ``cache_relative`` from the compressed length (the bug), ``rerotated`` after the re-rotated
+    slots."""
+    _check_choice("position_mode", position_mode, POSITION_MODES)
+    if position_mode == "rerotated":
+        cache, start = rerotate_keys(cache, model)
+    elif position_mode == "cache_relative":
+        start = min(cache.lengths())
+    else:
+        start = cache.seq_len
+    t = new_ids.shape[-1]
+    position_ids = torch.arange(start, start + t, device=model.device)[None]
+    out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=cache.to_transformers(),
+                position_ids=position_ids, use_cache=True)
+    return out.logits[0].float()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    keep_ratio: float = 1.0
+    policy: str = "knorm"
+    skip_layers: tuple[int, ...] = (0, 1)
+    order: Order = "original"
+    position_mode: PositionMode = "absolute"
+    seed: int = 0
+    n_sink: int = 4
+
+    def validate(self, n_layers: int) -> None:
+        _check_keep_ratio(self.keep_ratio)
+        if self.policy not in POLICIES and self.policy not in KVPRESS_POLICIES:
+            raise ValueError(f"policy={self.policy!r}: unknown; choose one of "
+                             f"{sorted(POLICIES) + sorted(KVPRESS_POLICIES)}")
+        _check_skip_layers(self.skip_layers, n_layers)
+        _check_choice("order", self.order, ORDERS)
+        _check_choice("position_mode", self.position_mode, POSITION_MODES)
+
+
+@dataclass
+class EvalResult:
+    """Per-token metrics of one configuration. ``nll``, ``kl`` and friends hold one value per
+    scored token: tokens ``context_len+1 .. n-1``, each predicted by a query that attends to the
+    compressed cache."""
+    config: EvalConfig
+    nll: torch.Tensor
+    correct: torch.Tensor
+    kl: torch.Tensor
+    top1_agree_mask: torch.Tensor
+    n_kept: int
+    context_len: int
+    cache_bytes: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll.mean().item())
+
+    @property
+    def next_token_acc(self) -> float:
+        return self.correct.float().mean().item()
+
+    @property
+    def kl_mean(self) -> float:
+        return self.kl.mean().item()
+
+    @property
+    def top1_agree(self) -> float:
+        return self.top1_agree_mask.float().mean().item()
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers (for tables and JSON results)."""
+        cfg = asdict(self.config)
+        cfg["skip_layers"] = list(cfg["skip_layers"])
+        return {**cfg, "ppl": self.ppl, "mean_nll": self.nll.mean().item(), "next_token_acc": self.next_token_acc,
+                "kl": self.kl_mean, "top1_agree": self.top1_agree, "n_kept": self.n_kept,
+                "context_len": self.context_len, "n_scored": int(self.nll.numel()), "cache_bytes": self.cache_bytes,
+                **self.meta}
+
+
+def _check_context_len(context_len: int, n_tokens: int) -> None:
+    if not isinstance(context_len, int) or isinstance(context_len, bool) or not 1 <= context_len < n_tokens - 1:
+        raise ValueError(f"context_len={context_len!r}: must be an int with 1 <= context_len < number of "
+                         f"tokens - 1 = {n_tokens - 1} (at least two tokens must follow the context)")
+
+
+def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
+          progress: bool = False) -> list[EvalResult]:
+    """Evaluate many configurations on one input with ONE prefill of the context.
+
+    Compression after prefill only reads the prefill's cache, so compressing a fresh copy per
+    configuration is exact; scores are computed once per policy and reused across keep_ratios."""
+    input_ids = _check_ids(input_ids)
+    _check_context_len(context_len, input_ids.shape[1])
+    for cfg in configs:
+        cfg.validate(_n_layers(model))
+    needs_hidden = any(cfg.policy in KVPRESS_POLICIES for cfg in configs)
+    pre = prefill(model, input_ids[:, :context_len], capture_hidden=needs_hidden)
+    new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
+    ref_logits = continuation_logits(model, pre.cache, new_ids)
+    score_cache: dict[tuple, list] = {}
+    results = []
+    iterator: Iterable[EvalConfig] = configs
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(configs, desc="configurations", leave=False)
+    for cfg in iterator:
+        key = (cfg.policy, cfg.seed, cfg.n_sink)
+        if key not in score_cache:
+            score_cache[key] = policy_scores(pre.cache, cfg.policy, PolicyOptions(cfg.seed, cfg.n_sink),
+                                             pre.layer_inputs)
+        cache = compress_cache(pre.cache, cfg.keep_ratio, cfg.policy, cfg.skip_layers, cfg.order,
+                               scores=score_cache[key])
+        logits = ref_logits if _is_identity(cfg) else continuation_logits(model, cache, new_ids, cfg.position_mode)
+        m = token_metrics(logits, targets, ref_logits)
+        n_kept = n_kept_for(context_len, cfg.keep_ratio)
+        results.append(EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, context_len,
+                                  cache.nbytes()))
+    return results
+
+
+def _is_identity(cfg: EvalConfig) -> bool:
+    return cfg.keep_ratio == 1.0 and cfg.order == "original" and cfg.position_mode == "absolute"
+
+
+def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratio: float,
+                policy: str = "knorm", skip_layers: Sequence[int] = (0, 1), order: Order = "original",
+                position_mode: PositionMode = "absolute", seed: int = 0, n_sink: int = 4) -> EvalResult:
+    """kvpress's protocol (the write-up's "Method 2"): prefill ``context_len`` tokens, compress
+    the cache once, then score the rest teacher-forced in one forward pass. Metrics are against
+    the true next tokens and against the same forward on the uncompressed cache."""
+    cfg = EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode, seed, n_sink)
+    return sweep(model, input_ids, context_len, [cfg])[0]
+
+
+@torch.inference_mode()
+def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, keep_ratio: float = 1.0,
+                    policy: str = "knorm", skip_layers: Sequence[int] = (0, 1), order: Order = "original",
+                    position_mode: PositionMode = "absolute", options: PolicyOptions = PolicyOptions(),
+                    pre: Prefill | None = None) -> torch.Tensor:
+    """Greedy continuation of ``input_ids`` after compressing its prefill cache once.
+
+    New tokens get true positions under ``absolute``. Pass ``pre`` to reuse one prefill."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    pre = pre or prefill(model, input_ids, capture_hidden=policy in KVPRESS_POLICIES)
+    cache = compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
+    _check_choice("position_mode", position_mode, POSITION_MODES)
+    if position_mode == "rerotated":
+        cache, position = rerotate_keys(cache, model)
+    else:
+        position = cache.seq_len if position_mode == "absolute" else min(cache.lengths())
+    token = pre.last_logits.argmax(-1).view(1, 1)
+    out_tokens = [token]
+    dyn = cache.to_transformers()
+    for _ in range(max_new_tokens - 1):
+        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
+                    position_ids=torch.tensor([[position]], device=model.device))
+        position += 1
+        token = out.logits[:, -1].argmax(-1).view(1, 1)
+        out_tokens.append(token)
+    return torch.cat(out_tokens, dim=1)[0].cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Metrics
+# ----------------------------------------------------------------------------------------------
+
+def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference."""
+    logp = logits.float().log_softmax(-1)
+    ref_logp = ref_logits.float().log_softmax(-1)
+    nll = -logp.gather(-1, targets.view(-1, 1)).squeeze(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0)
+    pred = logits.argmax(-1)
+    return {"nll": nll.cpu(), "correct": (pred == targets).cpu(), "kl": kl.cpu(),
+            "top1_agree": (pred == ref_logits.argmax(-1)).cpu()}
+
+
+def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Matching-prefix length and per-position token agreement of two greedy generations."""
+    n = min(len(generated), len(reference))
+    same = (generated[:n] == reference[:n])
+    mismatch = (~same).nonzero()
+    prefix = int(mismatch[0]) if len(mismatch) else n
+    return {"matching_prefix": prefix, "token_agreement": same.float().mean().item() if n else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Timing
+# ----------------------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    """What ran this: for every recorded result and benchmark line."""
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; median and spread in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1], "times_s": times}
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temporary file and ``os.replace`` so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
