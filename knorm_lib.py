@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "load_corpus", "encode", "Document",
+    "load_model", "random_llama", "load_corpus", "encode", "Document",
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep",
@@ -148,6 +148,26 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 **config: Any) -> Any:
+    """A random-weight Llama built from a config (no download), with this module's attention.
+
+    Defaults give a tiny model for tests (4 layers, 4 query heads, 2 KV heads, head_dim 16);
+    pass e.g. ``num_hidden_layers=32, hidden_size=4096, ...`` for a speed study at real shapes
+    (speed does not depend on the weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _register_attention()
+    defaults = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                    rope_theta=10_000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**defaults, **config})
+    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    return model.eval()
 
 
 def _layers(model: Any) -> Sequence[torch.nn.Module]:
@@ -530,7 +550,7 @@ def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
     position_ids = torch.arange(start, start + t, device=model.device)[None]
     out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=cache.to_transformers(),
                 position_ids=position_ids, use_cache=True)
-    return out.logits[0].float()
+    return out.logits[0]
 
 
 @dataclass(frozen=True)
@@ -684,8 +704,9 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
 
 def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference."""
-    logp = logits.float().log_softmax(-1)
-    ref_logp = ref_logits.float().log_softmax(-1)
+    dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+    logp = logits.to(dtype).log_softmax(-1)
+    ref_logp = ref_logits.to(dtype).log_softmax(-1)
     nll = -logp.gather(-1, targets.view(-1, 1)).squeeze(-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0)
     pred = logits.argmax(-1)
