@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "random_llama", "load_corpus", "encode", "Document",
+    "load_model", "random_llama", "load_corpus", "encode", "Document", "TokenizedDoc", "long_documents",
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep",
@@ -212,6 +212,44 @@ def encode(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Te
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     return ids[:, :max_tokens] if max_tokens is not None else ids
+
+
+@dataclass(frozen=True)
+class TokenizedDoc:
+    title: str
+    input_ids: torch.Tensor   # (1, n_tokens)
+
+
+def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: int, n_docs: int) -> list[TokenizedDoc]:
+    """``n_docs`` token sequences of exactly ``n_tokens`` from real text, deterministic.
+
+    ``wiki``: the longest articles (cut to ``n_tokens``). ``news``: the articles are short (about
+    250 tokens), so consecutive articles are joined with blank lines into non-overlapping streams."""
+    if not isinstance(n_tokens, int) or n_tokens < 2:
+        raise ValueError(f"n_tokens={n_tokens!r}: must be an int >= 2")
+    if not isinstance(n_docs, int) or n_docs < 1:
+        raise ValueError(f"n_docs={n_docs!r}: must be an int >= 1")
+    docs = load_corpus(corpus)
+    out: list[TokenizedDoc] = []
+    if corpus == "wiki":
+        for doc in sorted(docs, key=lambda d: (-(d.n_tokens or 0), d.title))[:n_docs]:
+            ids = encode(tokenizer, doc.text, n_tokens)
+            if ids.shape[1] == n_tokens:
+                out.append(TokenizedDoc(doc.title, ids))
+    else:
+        parts: list[str] = []
+        first = 0
+        for i, doc in enumerate(docs):
+            parts.append(doc.text)
+            ids = encode(tokenizer, "\n\n".join(parts))
+            if ids.shape[1] >= n_tokens:
+                out.append(TokenizedDoc(f"{docs[first].title}..{doc.title}", ids[:, :n_tokens]))
+                parts, first = [], i + 1
+                if len(out) == n_docs:
+                    break
+    if len(out) < n_docs:
+        raise ValueError(f"n_docs={n_docs}: corpus {corpus!r} has only {len(out)} documents of {n_tokens} tokens")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,6 +791,83 @@ def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str,
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1], "times_s": times}
+
+
+PROFILES: tuple[str, ...] = ("quick", "full", "large")
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r}: must be a positive int")
+
+
+def _check_list(name: str, v: Any, check: Callable[[Any], None]) -> None:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ValueError(f"{name}={v!r}: must be a non-empty list")
+    for item in v:
+        check(item)
+
+
+PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "profile": lambda n, v: _check_choice(n, v, PROFILES),
+    "model_name": lambda n, v: None if v is None or isinstance(v, str) else (_ for _ in ()).throw(
+        ValueError(f"{n}={v!r}: must be None (embedded model) or a Hugging Face id / local path")),
+    "device": lambda n, v: None if isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto")
+    else (_ for _ in ()).throw(ValueError(f"{n}={v!r}: must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")),
+    "keep_ratios": lambda n, v: _check_list(n, v, lambda r: _check_keep_ratio(r)),
+    "policies": lambda n, v: _check_list(n, v, lambda p: resolve_policy(p) and None),
+    "corpora": lambda n, v: _check_list(n, v, lambda c: _check_choice(n, c, CORPORA)),
+    "position_modes": lambda n, v: _check_list(n, v, lambda m: _check_choice(n, m, POSITION_MODES)),
+    "orders": lambda n, v: _check_list(n, v, lambda o: _check_choice(n, o, ORDERS)),
+}
+
+
+def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: set[str]) -> dict[str, Any]:
+    """Validate a notebook's parameters; return them as a dict.
+
+    ``before``: the globals before the ``parameters`` cell; ``declared``: the globals at its end.
+    Papermill injects overrides in a cell after it and only *warns* on unknown names, so any new
+    global that the parameters cell did not declare is an error here. Known names get the checks
+    in ``PARAMETER_CHECKS``; ints named ``n_*`` or ``*_len`` must be positive."""
+    names = sorted(declared - before - {"_declared"})
+    unknown = sorted(set(namespace) - declared - {"_declared"} - {n for n in namespace if n.startswith("_")})
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}: this notebook accepts {names}")
+    params = {n: namespace[n] for n in names}
+    for name, value in params.items():
+        if name in PARAMETER_CHECKS:
+            PARAMETER_CHECKS[name](name, value)
+        elif (name.startswith("n_") or name.endswith("_len") or name.endswith("_tokens")) and value is not None:
+            _positive_int(name, value)  # None: take the profile's default
+    return params
+
+
+def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
+                   model: Any | None = None) -> Path:
+    """Write ``data/results/<notebook>/<profile>.json`` atomically, with what produced it."""
+    import hashlib
+
+    identity: dict[str, Any] = {"knorm_lib_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    if model is not None:
+        identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
+                        n_layers=_n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
+    path = DATA_DIR / "results" / notebook / f"{profile}.json"
+    write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
+                             "identity": identity, "machine": machine_info(),
+                             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
+    return path
+
+
+def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: int = 150) -> Path:
+    """Save a matplotlib figure as PNG (atomically, >= 150 dpi): ``figures/<notebook>/<name>.png``
+    for the full profile (the committed report), ``build/figures/<profile>/...`` otherwise."""
+    base = PROJECT_ROOT / "figures" if profile == "full" else PROJECT_ROOT / "build" / "figures" / profile
+    path = base / notebook / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=max(dpi, 150), bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
