@@ -48,8 +48,8 @@ __all__ = [
     "load_model", "random_llama", "load_corpus", "encode", "Document", "TokenizedDoc", "long_documents",
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
-    "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep",
-    "generate_greedy", "token_metrics", "generation_agreement", "machine_info", "timed",
+    "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
+    "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -243,7 +243,8 @@ def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: in
             parts.append(doc.text)
             ids = encode(tokenizer, "\n\n".join(parts))
             if ids.shape[1] >= n_tokens:
-                out.append(TokenizedDoc(f"{docs[first].title}..{doc.title}", ids[:, :n_tokens]))
+                title = doc.title if first == i else f"{docs[first].title}..{doc.title}"
+                out.append(TokenizedDoc(title, ids[:, :n_tokens]))
                 parts, first = [], i + 1
                 if len(out) == n_docs:
                     break
@@ -677,7 +678,7 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     iterator: Iterable[EvalConfig] = configs
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(configs, desc="configurations", leave=False)
+        iterator = tqdm(configs, desc="configurations", mininterval=10)  # plain tqdm: papermill-safe
     for cfg in iterator:
         key = (cfg.policy, cfg.seed, cfg.n_sink)
         if key not in score_cache:
@@ -705,6 +706,17 @@ def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_rati
     the true next tokens and against the same forward on the uncompressed cache."""
     cfg = EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode, seed, n_sink)
     return sweep(model, input_ids, context_len, [cfg])[0]
+
+
+@torch.inference_mode()
+def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
+    """The uncompressed model's perplexity on ``input_ids`` (tokens 1..n-1), one forward pass.
+    A baseline: it cannot depend on any compression setting."""
+    input_ids = _check_ids(input_ids).to(model.device)
+    if input_ids.shape[1] < 2:
+        raise ValueError("input_ids: need at least two tokens")
+    logits = model(input_ids=input_ids).logits[0, :-1]
+    return math.exp(F.cross_entropy(logits.float(), input_ids[0, 1:]).item())
 
 
 @torch.inference_mode()
@@ -759,6 +771,27 @@ def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> di
     mismatch = (~same).nonzero()
     prefix = int(mismatch[0]) if len(mismatch) else n
     return {"matching_prefix": prefix, "token_agreement": same.float().mean().item() if n else float("nan")}
+
+
+def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> Any:
+    """Mean, 95 % t-interval half-width, min, max and count of ``metrics`` over the rows of each
+    ``by`` group (rows are usually one per document), as a pandas DataFrame."""
+    import pandas as pd
+    from scipy import stats
+
+    df = pd.DataFrame(rows)
+    df = df.assign(**{k: df[k].map(lambda v: tuple(v) if isinstance(v, list) else v) for k in by})
+    out = []
+    for key, group in df.groupby(list(by), sort=False, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for m in metrics:
+            vals = group[m].astype(float)
+            n = len(vals)
+            half = float(stats.t.ppf(0.975, n - 1) * vals.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            row.update({m: vals.mean(), f"{m}_ci95": half, f"{m}_min": vals.min(), f"{m}_max": vals.max()})
+        row["n_docs"] = len(group)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 # ----------------------------------------------------------------------------------------------

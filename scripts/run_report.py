@@ -1,0 +1,96 @@
+"""`make report`: run every study notebook headless with papermill, resumably.
+
+For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
+data/manifest.json, requirements.txt and the profile) hash the same as at its last successful run
+and its results file exists; otherwise execute it in the project's kernel, with the executed copy
+written to ``build/notebooks/<profile>/``. A failing notebook is reported with its failing cell and
+the run exits non-zero; every finished notebook keeps its (atomically written) results.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+BUILD = ROOT / "build"
+KERNEL = "knorm-study"
+HASHED_INPUTS = ("knorm_lib.py", "data/manifest.json", "requirements.txt")
+
+
+def input_hash(notebook: Path, profile: str) -> str:
+    h = hashlib.sha256(profile.encode())
+    for path in (notebook, *(ROOT / p for p in HASHED_INPUTS)):
+        h.update(path.name.encode())
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    return h.hexdigest()
+
+
+def failing_cell(exc: Exception) -> str:
+    """Papermill raises PapermillExecutionError with the cell index and the error."""
+    index = getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
+    ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
+    return f"cell {index}: {ename}: {evalue}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="full", choices=["quick", "full", "large"])
+    ap.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
+    ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
+    args = ap.parse_args()
+
+    import papermill as pm
+
+    notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(p) for p in args.only)]
+    out_dir = BUILD / "notebooks" / args.profile
+    stamp_dir = BUILD / "stamps" / args.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp_dir.mkdir(parents=True, exist_ok=True)
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
+    t_start = time.time()
+    failures = []
+    for i, nb in enumerate(notebooks, 1):
+        digest = input_hash(nb, args.profile)
+        stamp = stamp_dir / f"{nb.stem}.json"
+        results = ROOT / "data" / "results" / nb.stem / f"{args.profile}.json"
+        prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
+        if not args.force and stamp.exists() and results.exists() and json.loads(stamp.read_text())["hash"] == digest:
+            print(f"{prefix}: unchanged, skipped", flush=True)
+            continue
+        print(f"{prefix}: running ...", flush=True)
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": args.profile},
+                                kernel_name=KERNEL, cwd=str(NOTEBOOKS), progress_bar=False, log_output=False)
+        except Exception as exc:  # noqa: BLE001 - report any failure with its cell, keep going
+            failures.append(nb.stem)
+            print(f"{prefix}: FAILED after {time.time() - t0:.0f} s at {failing_cell(exc)}\n"
+                  f"    executed copy: {out_dir / nb.name}", flush=True)
+            continue
+        if not results.exists():
+            failures.append(nb.stem)
+            print(f"{prefix}: FAILED: it did not record {results.relative_to(ROOT)}", flush=True)
+            continue
+        tmp = stamp.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"hash": digest, "seconds": time.time() - t0}))
+        os.replace(tmp, stamp)
+        print(f"{prefix}: done in {time.time() - t0:.0f} s", flush=True)
+    print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
+          f"in {time.time() - t_start:.0f} s", flush=True)
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
