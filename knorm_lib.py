@@ -49,6 +49,7 @@ __all__ = [
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
+    "StreamingConfig", "budget_schedule", "eviction_steps", "streaming_mask", "streaming_ppl",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
 ]
 
@@ -72,6 +73,9 @@ ORDERS: tuple[str, ...] = ("original", "by_norm")
 # streaming evaluator). ``None`` means plain causal attention.
 MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
+# Receives (layer_idx, attention of the one new query summed per KV head, (B, H_kv, S)).
+_ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
+    contextvars.ContextVar("knorm_attn_recorder", default=None)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -91,6 +95,12 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
             is_causal = True
         else:
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    recorder = _ATTN_RECORDER.get()
+    if recorder is not None and q_len == 1:  # dynamic policies (H2O) read the new query's attention
+        groups = query.shape[1] // key.shape[1]
+        probs = (query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5))
+        probs = probs.float().softmax(-1)[:, :, 0]  # (B, H_q, S)
+        recorder(module.layer_idx, probs.view(probs.shape[0], key.shape[1], groups, -1).sum(2))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -268,6 +278,8 @@ class LayerKV:
     module: torch.nn.Module | None = None
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    attention_mass: torch.Tensor | None = None  # dynamic policies (streaming, sequential engine)
+    budget: int | None = None                   # tokens to keep at this step (streaming)
 
 
 @dataclass(frozen=True)
@@ -306,11 +318,20 @@ def high_norm_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
     return _norms(kv.keys)
 
 
+def _hash_uniform(positions: torch.Tensor, layer_idx: int, seed: int) -> torch.Tensor:
+    """A uniform number in [0, 1) per (seed, layer, KV head, position): a fixed function of the
+    token, so a streaming run and a prefill run draw the same score for the same token."""
+    heads = torch.arange(positions.shape[1], device=positions.device).view(1, -1, 1)
+    x = (positions * 0x9E3779B1 + heads * 0x85EBCA77 + layer_idx * 0xC2B2AE3D + seed * 0x27D4EB2F) & 0xFFFFFFFF
+    for _ in range(2):  # integer mixing (all intermediate values stay below 2**63)
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((x ^ (x >> 16)).double() / 2.0**32).float()
+
+
 @register_policy("random")
 def random_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
-    """Uniform random, seeded per (seed, layer) so runs repeat."""
-    gen = torch.Generator().manual_seed(opts.seed * 100_003 + kv.layer_idx)
-    return torch.rand(kv.positions.shape, generator=gen).to(kv.keys.device)
+    """Uniform random, seeded: the same (seed, layer, head, token) always draws the same score."""
+    return _hash_uniform(kv.positions, kv.layer_idx, opts.seed)
 
 
 @register_policy("streaming")
@@ -319,6 +340,22 @@ def streaming_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
     pos = kv.positions.float()
     return torch.where(kv.positions < opts.n_sink, pos.new_full((), float("inf")), pos)
 
+
+@register_policy("h2o")
+def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """H2O: the most recent half of the budget, then the heavy hitters by attention received so
+    far. Dynamic (a token's score grows with later queries): streaming, sequential engine only."""
+    if kv.attention_mass is None or kv.budget is None:
+        raise ValueError("policy='h2o' is dynamic (it needs the attention each token received): "
+                         "use streaming_ppl(..., engine='sequential')")
+    n_recent = max(1, kv.budget // 2)
+    newest = kv.positions.amax(dim=-1, keepdim=True)
+    recent = kv.positions > newest - n_recent
+    return torch.where(recent, kv.attention_mass.new_full((), float("inf")), kv.attention_mass)
+
+
+STATIC_POLICIES: tuple[str, ...] = ("knorm", "high_norm", "random", "streaming")  # score fixed once the key exists
+DYNAMIC_POLICIES: tuple[str, ...] = ("h2o",)
 
 KVPRESS_POLICIES: dict[str, str] = {"snapkv": "SnapKVPress", "tova": "TOVAPress",
                                     "expected_attention": "ExpectedAttentionPress"}
@@ -626,6 +663,7 @@ class EvalResult:
     context_len: int
     cache_bytes: int
     meta: dict = field(default_factory=dict)
+    evictions: dict | None = None   # streaming: eviction step per (layer, KV head, token)
 
     @property
     def ppl(self) -> float:
@@ -746,6 +784,253 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
         token = out.logits[:, -1].argmax(-1).view(1, 1)
         out_tokens.append(token)
     return torch.cat(out_tokens, dim=1)[0].cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5b. Streaming evaluation (the paper's LM protocol, the write-up's "Method 1")
+# ----------------------------------------------------------------------------------------------
+
+Engine = Literal["sequential", "one_pass"]
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    policy: str = "knorm"
+    keep_ratio: float | None = None
+    max_cache: int | None = None
+    skip_layers: tuple[int, ...] = (0, 1)
+    order: Order = "original"
+    position_mode: PositionMode = "absolute"
+    engine: Engine = "one_pass"
+    seed: int = 0
+    n_sink: int = 4
+
+
+def budget_schedule(n: int, keep_ratio: float | None = None, max_cache: int | None = None) -> torch.Tensor:
+    """``b[t]``: tokens each compressed layer retains after step ``t`` (``t = 0..n-1``).
+
+    ``max_cache=B``: ``min(t + 1, B)``; ``keep_ratio=r``: ``n_kept_for(t + 1, r)``."""
+    if (keep_ratio is None) == (max_cache is None):
+        raise ValueError(f"keep_ratio={keep_ratio!r}, max_cache={max_cache!r}: give exactly one budget")
+    steps = torch.arange(1, n + 1)
+    if max_cache is not None:
+        _positive_int("max_cache", max_cache)
+        return steps.clamp(max=max_cache)
+    keep_ratio = _check_keep_ratio(keep_ratio)
+    return (steps.double() * (1 - (1 - keep_ratio))).long().clamp(min=1) if keep_ratio < 1 else steps
+
+
+def eviction_steps(scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """For scores ``(H, n)`` fixed once each token exists: the step at which each token is evicted
+    (``n`` if never), simulating "after adding token t, evict the lowest scores until ``budget[t]``
+    remain" with one heap per head, O(n log n)."""
+    import heapq
+
+    n_heads, n = scores.shape
+    rows = scores.detach().double().cpu().tolist()
+    caps = budget.tolist()
+    out = [[n] * n for _ in range(n_heads)]
+    for h in range(n_heads):
+        heap: list[tuple[float, int]] = []
+        row, evict = rows[h], out[h]
+        for t in range(n):
+            heapq.heappush(heap, (row[t], t))
+            while len(heap) > caps[t]:
+                evict[heapq.heappop(heap)[1]] = t
+    return torch.tensor(out, dtype=torch.long)
+
+
+def streaming_mask(evict: torch.Tensor, groups: int) -> torch.Tensor:
+    """Boolean mask ``(1, H_kv * groups, n, n)``: key ``j`` is visible to query ``t`` iff
+    ``j <= t <= evict[j]`` (query t sees the set retained after step t-1, plus itself)."""
+    n_heads, n = evict.shape
+    t = torch.arange(n, device=evict.device).view(1, n, 1)
+    j = torch.arange(n, device=evict.device).view(1, 1, n)
+    mask = (j <= t) & (t <= evict.view(n_heads, 1, n))
+    return mask.repeat_interleave(groups, dim=0)[None]
+
+
+def _keep_highest(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the ``n_keep`` highest scores; among equal scores the newest token stays (the
+    same rule as ``eviction_steps``, whose heap evicts the oldest of equal scores first)."""
+    by_position = positions.argsort(dim=-1, descending=True, stable=True)
+    by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
+    return by_position.gather(-1, by_score)[..., :n_keep]
+
+
+def _query_positions(budget: torch.Tensor, position_mode: str, any_compressed: bool) -> torch.Tensor:
+    n = budget.numel()
+    if position_mode == "absolute" or not any_compressed:
+        return torch.arange(n)
+    # cache_relative: token t is numbered by the compressed cache's length before it, b[t-1]
+    return torch.cat([torch.zeros(1, dtype=torch.long), budget[:-1]])
+
+
+@torch.inference_mode()
+def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
+                     evict_override: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    _, score_fn, _ = resolve_policy(cfg.policy)
+    opts = PolicyOptions(cfg.seed, cfg.n_sink)
+    n = ids.shape[1]
+    skip = set(cfg.skip_layers)
+    evictions: dict[int, torch.Tensor] = {}
+
+    def mask_fn(layer_idx: int, key: torch.Tensor, q_len: int) -> torch.Tensor | None:
+        if layer_idx in skip:
+            return None
+        if evict_override is not None:
+            evict = evict_override[layer_idx]
+        else:
+            positions = torch.arange(n, device=key.device).expand(1, key.shape[1], n)
+            scores = score_fn(LayerKV(key, key, positions, layer_idx), opts)[0]
+            evict = eviction_steps(scores, budget)
+        evictions[layer_idx] = evict
+        return streaming_mask(evict.to(key.device), model.config.num_attention_heads // key.shape[1])
+
+    any_compressed = len(skip) < _n_layers(model)
+    position_ids = _query_positions(budget, cfg.position_mode, any_compressed)[None].to(model.device)
+    token = _MASK_FN.set(mask_fn)
+    try:
+        logits = model(input_ids=ids.to(model.device), position_ids=position_ids, use_cache=False).logits[0]
+    finally:
+        _MASK_FN.reset(token)
+    return logits, evictions
+
+
+@torch.inference_mode()
+def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
+                       progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """One token per forward; after each step every non-skipped layer is cut back to ``budget[t]``
+    per KV head. Under ``rerotated`` the kept keys are re-rotated (from their as-cached rotation, so
+    no rounding accumulates) to contiguous slots after every step, like StreamingLLM's pos-shift."""
+    from transformers import DynamicCache
+
+    _, score_fn, _ = resolve_policy(cfg.policy)
+    opts = PolicyOptions(cfg.seed, cfg.n_sink)
+    n, n_layers = ids.shape[1], _n_layers(model)
+    skip = set(cfg.skip_layers)
+    any_compressed = len(skip) < n_layers
+    cache = DynamicCache()
+    pos: list[torch.Tensor | None] = [None] * n_layers       # original token index per cached entry
+    base_keys: list[torch.Tensor | None] = [None] * n_layers  # keys as cached (rerotated mode)
+    base_rot: list[torch.Tensor | None] = [None] * n_layers   # the position each was rotated at
+    mass: list[torch.Tensor | None] = [None] * n_layers       # attention received so far (h2o)
+    evictions: dict[int, torch.Tensor] = {}
+    rerotate = cfg.position_mode == "rerotated"
+
+    def record(layer_idx: int, probs: torch.Tensor) -> None:
+        prev = mass[layer_idx]
+        mass[layer_idx] = probs if prev is None else torch.cat([prev, probs.new_zeros(*prev.shape[:2], 1)], -1) + probs
+
+    recorder_token = _ATTN_RECORDER.set(record if cfg.policy in DYNAMIC_POLICIES else None)
+    logits, next_position = [], 0
+    steps: Iterable[int] = range(n)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="streaming (sequential)", mininterval=10)
+    try:
+        for t in steps:
+            position = t if cfg.position_mode == "absolute" or not any_compressed else next_position
+            out = model(input_ids=ids[:, t:t + 1].to(model.device), past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[position]], device=model.device))
+            logits.append(out.logits[0, -1])
+            for i, layer in enumerate(cache.layers):
+                b, h = layer.keys.shape[:2]
+                new = torch.full((b, h, 1), t, device=layer.keys.device)
+                pos[i] = new if pos[i] is None else torch.cat([pos[i], new], -1)
+                if rerotate:
+                    new_key, new_rot = layer.keys[:, :, -1:], torch.full_like(new, position)
+                    base_keys[i] = new_key if base_keys[i] is None else torch.cat([base_keys[i], new_key], 2)
+                    base_rot[i] = new_rot if base_rot[i] is None else torch.cat([base_rot[i], new_rot], -1)
+                n_keep = int(budget[t])
+                if i in skip or layer.keys.shape[2] <= n_keep:
+                    continue
+                kv = LayerKV(layer.keys, layer.values, pos[i], i, attention_mass=mass[i], budget=n_keep)
+                idx = _keep_highest(score_fn(kv, opts), pos[i], n_keep)
+                kept = torch.zeros(pos[i].shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+                ev = evictions.setdefault(i, torch.full((h, n), n, dtype=torch.long))
+                gone = pos[i][~kept].view(b, h, -1)[0].cpu()
+                ev.scatter_(1, gone, t)
+                if cfg.order == "original":
+                    idx = idx.sort(dim=-1).values
+                else:
+                    idx = idx.gather(-1, _norms(layer.keys).gather(-1, idx).argsort(dim=-1, stable=True))
+                gidx = idx.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+                layer.keys, layer.values = layer.keys.gather(2, gidx), layer.values.gather(2, gidx)
+                pos[i] = pos[i].gather(-1, idx)
+                if mass[i] is not None:
+                    mass[i] = mass[i].gather(-1, idx)
+                if rerotate:
+                    base_keys[i], base_rot[i] = base_keys[i].gather(2, gidx), base_rot[i].gather(-1, idx)
+            lengths = [layer.keys.shape[2] for layer in cache.layers]
+            next_position = min(lengths)
+            if rerotate:
+                for i, layer in enumerate(cache.layers):
+                    s = lengths[i]
+                    slots = torch.arange(s, device=layer.keys.device).expand_as(base_rot[i]) + (next_position - s)
+                    layer.keys = _rotate(base_keys[i], slots - base_rot[i], model)
+    finally:
+        _ATTN_RECORDER.reset(recorder_token)
+    return torch.stack(logits), evictions
+
+
+def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", keep_ratio: float | None = None,
+                  max_cache: int | None = None, skip_layers: Sequence[int] = (0, 1), engine: Engine | None = None,
+                  order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
+                  n_sink: int = 4, progress: bool = False,
+                  evict_override: dict[int, torch.Tensor] | None = None) -> EvalResult:
+    """Streaming protocol: every token is scored while the cache is compressed as it grows.
+
+    Semantics (both engines): token ``t`` is fed at its position; its query attends to the set
+    retained after step ``t-1`` plus itself; then each non-skipped layer keeps, per KV head, the
+    ``budget[t]`` best-scored tokens (``max_cache=B``: ``min(t+1, B)``; ``keep_ratio=r``:
+    ``n_kept_for(t+1, r)``, i.e. floor, where the paper's code uses ceil). Any token may go,
+    including the one just added (as in the paper's code).
+
+    ``engine="one_pass"`` (default where it applies): for policies whose score is fixed once the key
+    exists (knorm, high_norm, random, streaming) the retained sets follow from the scores alone, so
+    eviction steps are simulated per layer and KV head and the whole text is scored in ONE forward
+    with a per-layer mask. ``"sequential"``: one forward per token (the reference; needed for
+    dynamic policies such as h2o and for ``position_mode="rerotated"``). ``.nll`` covers tokens
+    ``1..n-1``; KL and top-1 agreement compare with the uncompressed model on the same text.
+    ``.evictions`` holds each compressed layer's eviction steps ``(H_kv, n)``."""
+    ids = _check_ids(input_ids)
+    n = ids.shape[1]
+    if n < 2:
+        raise ValueError("input_ids: need at least two tokens")
+    resolve_policy(policy)
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: streaming supports {sorted(POLICIES)}")
+    skip = tuple(sorted(_check_skip_layers(skip_layers, _n_layers(model))))
+    _check_choice("order", order, ORDERS)
+    _check_choice("position_mode", position_mode, POSITION_MODES)
+    budget = budget_schedule(n, keep_ratio, max_cache)
+    if engine is None:
+        engine = "one_pass" if policy in STATIC_POLICIES and position_mode != "rerotated" else "sequential"
+    _check_choice("engine", engine, ("sequential", "one_pass"))
+    if engine == "one_pass" and policy not in STATIC_POLICIES:
+        raise ValueError(f"engine='one_pass': policy {policy!r} is dynamic (its scores change with later "
+                         f"queries), so it needs engine='sequential'")
+    if engine == "one_pass" and position_mode == "rerotated":
+        raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
+    cfg = StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink)
+    if engine == "one_pass":
+        logits, evictions = _stream_one_pass(model, ids, cfg, budget, evict_override)
+    else:
+        logits, evictions = _stream_sequential(model, ids, cfg, budget, progress)
+    with torch.inference_mode():
+        ref_logits = model(input_ids=ids.to(model.device)).logits[0]
+    m = token_metrics(logits[:-1], ids[0, 1:].to(model.device), ref_logits[:-1])
+    kv_bytes_per_token = 2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()
+    lengths = [n if i in skip else int(budget[-1]) for i in range(_n_layers(model))]
+    return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], int(budget[-1]), 0,
+                      sum(lengths) * kv_bytes_per_token, meta={"protocol": "streaming", "n_tokens": n},
+                      evictions=evictions)
+
+
+def _head_dim(model: Any) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 # ----------------------------------------------------------------------------------------------
