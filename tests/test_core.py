@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -634,3 +635,26 @@ def test_write_json_atomic(tmp_path):
         kl.write_json_atomic(path, circular)
     assert [p.name for p in path.parent.iterdir()] == ["run.json"]
     assert json.loads(path.read_text(encoding="utf-8"))["ppl"] == 155.91
+
+
+def test_write_json_atomic_never_exposes_a_partial_file(tmp_path, monkeypatch):
+    """The documented mechanism: the complete JSON is written to a temporary file in the same
+    folder, then moved over the target with os.replace, so the target holds the old content
+    until the new one is whole."""
+    path = tmp_path / "run.json"
+    kl.write_json_atomic(path, {"old": True})
+    real_replace = kl.os.replace
+    seen = []
+
+    def checking_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        seen.append(dst)
+        assert src.parent == dst.parent and src != dst
+        assert json.loads(src.read_text(encoding="utf-8")) == {"new": [1, 2, 3]}
+        assert json.loads(dst.read_text(encoding="utf-8")) == {"old": True}
+        real_replace(src, dst)
+
+    monkeypatch.setattr(kl.os, "replace", checking_replace)
+    kl.write_json_atomic(path, {"new": [1, 2, 3]})
+    assert seen == [path]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]

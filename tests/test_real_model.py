@@ -1,0 +1,89 @@
+"""A few checks on the real SmolLM2-135M-Instruct (float32) and real news text.
+
+They need ``make data`` (model and corpora); without it they fail with the library's
+FileNotFoundError, on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import knorm_lib as kl
+from conftest import REAL_N_TOKENS
+
+CONTEXT = 200  # tokens 201..299 are scored
+
+
+@pytest.fixture(scope="module")
+def news_prefill(real_model, news_ids):
+    """knorm_lib's uncompressed prefill cache of the whole news sequence."""
+    model, _ = real_model
+    return kl.prefill(model, news_ids)
+
+
+def test_keep_all_reproduces_model_loss(real_model, news_ids):
+    """keep_ratio=1 on ~300 real tokens: prefill + teacher-forced continuation gives the loss of
+    one plain forward (1e-5 relative), with KL 0 and full top-1 agreement."""
+    model, _ = real_model
+    res = kl.prefill_ppl(model, news_ids, CONTEXT, keep_ratio=1.0)
+    with torch.no_grad():
+        logits = model(news_ids).logits[0]
+    ref = F.cross_entropy(logits[CONTEXT:-1].double(), news_ids[0, CONTEXT + 1:], reduction="none")
+    assert res.nll.shape == (REAL_N_TOKENS - CONTEXT - 1,)
+    assert math.isclose(res.nll.double().mean().item(), ref.mean().item(), rel_tol=1e-5)
+    torch.testing.assert_close(res.nll.double(), ref, rtol=1e-4, atol=1e-4)
+    assert res.kl_mean == 0.0 and res.top1_agree == 1.0
+    # a sane language model on real prose (guards against scoring the wrong tokens)
+    assert 2.0 < res.ppl < 200.0
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.9])
+def test_kept_set_matches_kvpress_knormpress(keep_ratio, real_model, news_ids, news_prefill):
+    """Our "knorm" compression keeps, per layer and KV head, exactly the tokens that kvpress's
+    own KnormPress keeps for the same ratio (skip_layers=(), every layer compressed).
+
+    kvpress runs as a context manager during a prefill with the same attention function, so both
+    caches hold bit-identical keys; kvpress's kept key rows are matched against the full cache to
+    recover their original positions. kvpress stores kept tokens in score order (ascending norm),
+    which is exactly our order="by_norm"."""
+    import kvpress
+
+    model, _ = real_model
+    full = news_prefill.cache
+    press = kvpress.KnormPress(compression_ratio=1 - keep_ratio)
+    with torch.no_grad(), press(model):
+        out = model(input_ids=news_ids, past_key_values=DynamicCache(), use_cache=True)
+    theirs = out.past_key_values
+    ours = kl.compress_cache(full, keep_ratio, "knorm", skip_layers=())
+    ours_by_norm = kl.compress_cache(full, keep_ratio, "knorm", skip_layers=(), order="by_norm")
+    n_kept = kl.n_kept_for(REAL_N_TOKENS, keep_ratio)
+    assert len(theirs.layers) == len(full.keys) == model.config.num_hidden_layers
+    for layer, cached in enumerate(theirs.layers):
+        their_keys = cached.keys[0]                                   # (H_kv, n_kept, D)
+        assert their_keys.shape[1] == n_kept == ours.keys[layer].shape[2]
+        match = (their_keys[:, :, None, :] == full.keys[layer][0][:, None, :, :]).all(-1)  # (H_kv, n_kept, S)
+        assert (match.sum(-1) == 1).all(), f"layer {layer}: a kvpress key is not a unique row of the full cache"
+        their_positions = match.int().argmax(-1).sort(dim=-1).values
+        assert torch.equal(their_positions, ours.positions[layer][0]), f"layer {layer}: different kept sets"
+        assert torch.equal(cached.keys, ours_by_norm.keys[layer]), f"layer {layer}: different storage order"
+        assert torch.equal(cached.values, ours_by_norm.values[layer])
+
+
+def test_cache_relative_positions_raise_ppl_and_order_does_not(real_model, news_ids):
+    """The write-up's jump, reproduced and explained at keep_ratio 0.5 (every layer compressed):
+    numbering new tokens from the compressed length ("cache_relative") raises perplexity over
+    true positions ("absolute"), while storing the kept tokens by norm instead of by position
+    changes nothing under true positions (1e-4 relative)."""
+    model, _ = real_model
+    configs = [kl.EvalConfig(0.5, "knorm", (), "original", "absolute"),
+               kl.EvalConfig(0.5, "knorm", (), "by_norm", "absolute"),
+               kl.EvalConfig(0.5, "knorm", (), "original", "cache_relative")]
+    absolute, by_norm, relative = kl.sweep(model, news_ids, CONTEXT, configs)
+    assert relative.ppl > absolute.ppl
+    assert relative.kl_mean > absolute.kl_mean
+    assert math.isclose(absolute.ppl, by_norm.ppl, rel_tol=1e-4)
