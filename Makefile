@@ -28,6 +28,7 @@ test: data
 
 report: data
 	$(PY) scripts/run_report.py --profile $(PROFILE)
+	$(PY) scripts/render_report.py --profile $(PROFILE)
 
 lab: data
 	$(VENV)/bin/jupyter lab notebooks/

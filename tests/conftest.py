@@ -34,11 +34,6 @@ TINY_INIT = 0.1
 REAL_N_TOKENS = 300
 
 
-def random_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
-    """``(1, n)`` random token ids from a seeded generator (independent of the global RNG)."""
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="session")
 def tiny64():
     return knorm_lib.random_llama(seed=0, dtype=torch.float64, initializer_range=TINY_INIT)
