@@ -15,9 +15,11 @@ How to choose ``position_mode`` (the write-up's pitfall lives here):
 * ``"absolute"`` -- new tokens keep their true positions. This is correct: every cached key was
   rotated by RoPE at its own position before it was cached, so attention over the kept keys is a
   set operation and neither eviction nor storage order moves any key.
-* ``"cache_relative"`` -- new tokens are numbered from the *compressed* cache length, which is what
-  ``model(new_ids, past_key_values=cache)`` does when layer 0 of a transformers cache was
-  compressed and no ``position_ids`` are passed. Queries then sit at the wrong distance from every
+* ``"cache_relative"`` -- new tokens are numbered from the *compressed* cache length (the length
+  of the compressed layers), which is what ``model(new_ids, past_key_values=cache)`` does when
+  layer 0 of a transformers cache was compressed and no ``position_ids`` are passed (transformers
+  reads the length of layer 0: with ``skip_layers`` containing 0 a plain call happens to number
+  correctly, so this mode shows what the bug does whenever layer 0 is compressed). Queries then sit at the wrong distance from every
   key: this is the bug behind the write-up's 39.68 -> 155.91 jump.
 * ``"rerotated"`` -- kept keys are re-rotated to contiguous slots ``0..n_kept-1`` (in storage
   order) and new tokens are numbered after them, like StreamingLLM's pos-shift and kvpress's
@@ -34,6 +36,7 @@ import contextlib
 import contextvars
 import json
 import math
+import numbers
 import os
 import platform
 import time
@@ -139,12 +142,12 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
     if name is None:
         source = str(DEFAULT_MODEL_DIR)
         if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
-            raise FileNotFoundError(f"model_name=None: the embedded model is not at {DEFAULT_MODEL_DIR}; "
+            raise FileNotFoundError(f"load_model(name=None): the embedded model is not at {DEFAULT_MODEL_DIR}; "
                                     "run `make data` first")
     else:
         source = str(Path(name).expanduser()) if _looks_like_path(str(name)) else str(name)
-        if _looks_like_path(str(name)) and not Path(source).is_dir():
-            raise FileNotFoundError(f"model_name={str(name)!r}: no such model directory")
+        if _looks_like_path(str(name)) and not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): no model directory with a config.json there")
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
                                   trust_remote_code=False, use_safetensors=True)
     if device == "auto":
@@ -153,7 +156,7 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"model_name={str(name)!r}: cannot load it offline or from the hub ({err})") from err
+        raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it offline or from the hub ({err})") from err
     if device != "auto":
         model.to(device)
     model.eval()
@@ -397,7 +400,7 @@ def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
 # ----------------------------------------------------------------------------------------------
 
 def _check_keep_ratio(keep_ratio: float) -> float:
-    if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio) \
+    if not isinstance(keep_ratio, numbers.Real) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio) \
             or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio={keep_ratio!r}: must be a number in (0, 1]")
     return float(keep_ratio)
@@ -514,12 +517,18 @@ def key_norms(model_or_cache: Any, input_ids: torch.Tensor | None = None) -> tor
     """Key L2 norms, float32, shape ``(layers, H_kv, positions)``, from a ``KVCache`` or by
     prefilling ``input_ids``. RoPE rotates coordinate pairs, so these equal the pre-RoPE norms."""
     cache = model_or_cache if isinstance(model_or_cache, KVCache) else prefill(model_or_cache, input_ids).cache
-    return torch.stack([_norms(k)[0] for k in cache.keys])
+    return _stack_padded([_norms(k)[0] for k in cache.keys])
 
 
 def value_norms(cache: KVCache) -> torch.Tensor:
     """Value L2 norms, float32, ``(layers, H_kv, positions)`` (for contrast with key norms)."""
-    return torch.stack([_norms(v)[0] for v in cache.values])
+    return _stack_padded([_norms(v)[0] for v in cache.values])
+
+
+def _stack_padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(H_kv, S_l)`` tensors; layers shorter than the longest (compressed) end in NaN."""
+    longest = max(t.shape[-1] for t in per_layer)
+    return torch.stack([F.pad(t, (0, longest - t.shape[-1]), value=float("nan")) for t in per_layer])
 
 
 def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor:
@@ -767,6 +776,7 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     New tokens get true positions under ``absolute``. Pass ``pre`` to reuse one prefill."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode).validate(_n_layers(model))
     pre = pre or prefill(model, input_ids, capture_hidden=policy in KVPRESS_POLICIES)
     cache = compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
     _check_choice("position_mode", position_mode, POSITION_MODES)
@@ -1188,10 +1198,25 @@ def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: 
     return path
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become ``null`` (they are not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON via a temporary file and ``os.replace`` so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    try:
+        text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    except RecursionError as err:
+        raise ValueError("obj: circular or too deeply nested to write as JSON") from err
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -86,3 +86,17 @@ def test_cache_relative_positions_raise_ppl_and_order_does_not(real_model, news_
     assert relative.ppl > absolute.ppl
     assert relative.kl_mean > absolute.kl_mean
     assert math.isclose(absolute.ppl, by_norm.ppl, rel_tol=1e-4)
+
+
+def test_encode_with_real_tokenizer(real_model):
+    """encode: (1, n) int64 ids without special tokens (no BOS), cut to max_tokens; empty or
+    blank text is refused by name."""
+    _, tokenizer = real_model
+    ids = kl.encode(tokenizer, "The bushfire moved towards the town of Hill Top.")
+    assert ids.dim() == 2 and ids.shape[0] == 1 and ids.dtype == torch.int64
+    assert ids[0, 0].item() != tokenizer.bos_token_id
+    assert tokenizer.decode(ids[0]) == "The bushfire moved towards the town of Hill Top."
+    assert torch.equal(kl.encode(tokenizer, "The bushfire moved towards the town", max_tokens=3), ids[:, :3])
+    for text in ("", "  \n"):
+        with pytest.raises(ValueError, match="text"):
+            kl.encode(tokenizer, text)
