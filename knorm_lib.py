@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "random_llama", "load_corpus", "encode", "Document", "TokenizedDoc", "long_documents",
+    "load_model", "random_llama", "load_corpus", "encode", "Document", "TokenizedDoc", "long_documents", "token_kinds",
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
+    "attention_received", "future_attention", "attention_mass_lost",
     "StreamingConfig", "budget_schedule", "eviction_steps", "streaming_mask", "streaming_ppl",
+    "streaming_sweep", "full_logits",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
 ]
 
@@ -76,7 +78,7 @@ ORDERS: tuple[str, ...] = ("original", "by_norm")
 # streaming evaluator). ``None`` means plain causal attention.
 MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
-# Receives (layer_idx, attention of the one new query summed per KV head, (B, H_kv, S)).
+# Receives (layer_idx, attention probabilities (B, H_q, q_len, k_len)) from every attention call.
 _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
     contextvars.ContextVar("knorm_attn_recorder", default=None)
 
@@ -99,11 +101,13 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         else:
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
     recorder = _ATTN_RECORDER.get()
-    if recorder is not None and q_len == 1:  # dynamic policies (H2O) read the new query's attention
+    if recorder is not None:  # H2O and the attention studies read the attention probabilities
         groups = query.shape[1] // key.shape[1]
-        probs = (query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5))
-        probs = probs.float().softmax(-1)[:, :, 0]  # (B, H_q, S)
-        recorder(module.layer_idx, probs.view(probs.shape[0], key.shape[1], groups, -1).sum(2))
+        logits = query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+        if mask is not None or is_causal:
+            visible = mask if mask is not None else torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
+            logits = logits.masked_fill(~visible, float("-inf"))
+        recorder(module.layer_idx, logits.float().softmax(-1))  # (B, H_q, q_len, k_len)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
                                          scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -264,6 +268,32 @@ def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: in
     if len(out) < n_docs:
         raise ValueError(f"n_docs={n_docs}: corpus {corpus!r} has only {len(out)} documents of {n_tokens} tokens")
     return out
+
+
+TOKEN_KINDS: tuple[str, ...] = ("first", "newline", "punctuation", "stop_word", "other")
+STOP_WORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being
+it its this that these those he she they we you i his her their our your not no so than then there here which who
+whom what when where why how all any each also has have had do does did will would can could may might""".split())
+
+
+def token_kinds(tokenizer: Any, input_ids: torch.Tensor) -> list[str]:
+    """A kind per token, for grouping norms: ``first`` (the attention sink; these sequences carry no
+    BOS), ``newline``, ``punctuation``, ``stop_word`` (short English function words), ``other``."""
+    kinds = []
+    for i, token_id in enumerate(_check_ids(input_ids)[0].tolist()):
+        text = tokenizer.decode([token_id])
+        word = text.strip()
+        if i == 0:
+            kinds.append("first")
+        elif "\n" in text:
+            kinds.append("newline")
+        elif word and not any(c.isalnum() for c in word):
+            kinds.append("punctuation")
+        elif word.lower() in STOP_WORDS:
+            kinds.append("stop_word")
+        else:
+            kinds.append("other")
+    return kinds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -860,6 +890,11 @@ def streaming_mask(evict: torch.Tensor, groups: int) -> torch.Tensor:
     return mask.repeat_interleave(groups, dim=0)[None]
 
 
+def _per_kv_head(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Sum ``(B, H_q, ...)`` over the query heads that share each KV head: ``(B, H_kv, ...)``."""
+    return x.view(x.shape[0], n_kv_heads, x.shape[1] // n_kv_heads, *x.shape[2:]).sum(2)
+
+
 def _keep_highest(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices of the ``n_keep`` highest scores; among equal scores the newest token stays (the
     same rule as ``eviction_steps``, whose heap evicts the oldest of equal scores first)."""
@@ -929,8 +964,9 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
     rerotate = cfg.position_mode == "rerotated"
 
     def record(layer_idx: int, probs: torch.Tensor) -> None:
+        received = _per_kv_head(probs.sum(2), model.config.num_key_value_heads)  # summed over the group
         prev = mass[layer_idx]
-        mass[layer_idx] = probs if prev is None else torch.cat([prev, probs.new_zeros(*prev.shape[:2], 1)], -1) + probs
+        mass[layer_idx] = received if prev is None else torch.cat([prev, prev.new_zeros(*prev.shape[:2], 1)], -1) + received
 
     recorder_token = _ATTN_RECORDER.set(record if cfg.policy in DYNAMIC_POLICIES else None)
     logits, next_position = [], 0
@@ -987,7 +1023,7 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
 def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", keep_ratio: float | None = None,
                   max_cache: int | None = None, skip_layers: Sequence[int] = (0, 1), engine: Engine | None = None,
                   order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
-                  n_sink: int = 4, progress: bool = False,
+                  n_sink: int = 4, progress: bool = False, reference_logits: torch.Tensor | None = None,
                   evict_override: dict[int, torch.Tensor] | None = None) -> EvalResult:
     """Streaming protocol: every token is scored while the cache is compressed as it grows.
 
@@ -1002,7 +1038,9 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     eviction steps are simulated per layer and KV head and the whole text is scored in ONE forward
     with a per-layer mask. ``"sequential"``: one forward per token (the reference; needed for
     dynamic policies such as h2o and for ``position_mode="rerotated"``). ``.nll`` covers tokens
-    ``1..n-1``; KL and top-1 agreement compare with the uncompressed model on the same text.
+    ``1..n-1``; KL and top-1 agreement compare with the uncompressed model on the same text
+    (pass ``reference_logits=full_logits(model, ids)`` to share that forward across calls;
+    ``streaming_sweep`` does).
     ``.evictions`` holds each compressed layer's eviction steps ``(H_kv, n)``."""
     ids = _check_ids(input_ids)
     n = ids.shape[1]
@@ -1028,8 +1066,7 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
         logits, evictions = _stream_one_pass(model, ids, cfg, budget, evict_override)
     else:
         logits, evictions = _stream_sequential(model, ids, cfg, budget, progress)
-    with torch.inference_mode():
-        ref_logits = model(input_ids=ids.to(model.device)).logits[0]
+    ref_logits = reference_logits if reference_logits is not None else full_logits(model, ids)
     m = token_metrics(logits[:-1], ids[0, 1:].to(model.device), ref_logits[:-1])
     kv_bytes_per_token = 2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()
     lengths = [n if i in skip else int(budget[-1]) for i in range(_n_layers(model))]
@@ -1038,25 +1075,127 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
                       evictions=evictions)
 
 
+@torch.inference_mode()
+def full_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, vocab)`` of the uncompressed model (the reference for KL and agreement)."""
+    return model(input_ids=_check_ids(input_ids).to(model.device), use_cache=False).logits[0]
+
+
+def streaming_sweep(model: Any, input_ids: torch.Tensor, configs: Sequence[dict[str, Any]],
+                    progress: bool = False) -> list[EvalResult]:
+    """``streaming_ppl`` for each configuration (keyword dicts), sharing one reference forward."""
+    reference = full_logits(model, input_ids)
+    iterator: Iterable[dict[str, Any]] = configs
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(configs, desc="streaming configurations", mininterval=10)
+    return [streaming_ppl(model, input_ids, reference_logits=reference, **cfg) for cfg in iterator]
+
+
 def _head_dim(model: Any) -> int:
     cfg = model.config
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 # ----------------------------------------------------------------------------------------------
+# 5c. Attention analysis (why KnormPress works: low key norm <-> high attention)
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _recording(fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    token = _ATTN_RECORDER.set(fn)
+    try:
+        yield
+    finally:
+        _ATTN_RECORDER.reset(token)
+
+
+@torch.inference_mode()
+def attention_received(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean attention each key receives, float32, ``(layers, H_kv, positions)``.
+
+    Causal normalisation: key ``j`` is visible to the ``n - j`` queries ``j..n-1`` only, so a plain
+    sum favours early keys merely because more queries see them; the sum is divided by ``n - j``
+    (the mean over the queries that can see the key). Query heads sharing a KV head are averaged."""
+    ids = _check_ids(input_ids).to(model.device)
+    n, n_kv = ids.shape[1], model.config.num_key_value_heads
+    groups = model.config.num_attention_heads // n_kv
+    per_layer: dict[int, torch.Tensor] = {}
+
+    def record(layer_idx: int, probs: torch.Tensor) -> None:
+        per_layer[layer_idx] = _per_kv_head(probs.sum(2), n_kv)[0].float() / groups
+
+    with _recording(record):
+        model(input_ids=ids, use_cache=False)
+    seen_by = torch.arange(n, 0, -1, device=ids.device, dtype=torch.float32)
+    return torch.stack([per_layer[i] for i in sorted(per_layer)]) / seen_by
+
+
+@torch.inference_mode()
+def future_attention(model: Any, input_ids: torch.Tensor, context_len: int) -> tuple[torch.Tensor, KVCache]:
+    """Mean attention that the continuation's queries (positions ``context_len..n-1``) pay to each
+    context key, ``(layers, H_kv, context_len)`` float32 (query heads of a group averaged), and the
+    context's cache (the keys a policy would score after prefilling the context)."""
+    ids = _check_ids(input_ids).to(model.device)
+    _check_context_len(context_len, ids.shape[1])
+    n_kv = model.config.num_key_value_heads
+    groups = model.config.num_attention_heads // n_kv
+    per_layer: dict[int, torch.Tensor] = {}
+
+    def record(layer_idx: int, probs: torch.Tensor) -> None:
+        future = probs[:, :, context_len:, :context_len].mean(2)
+        per_layer[layer_idx] = _per_kv_head(future, n_kv)[0].float() / groups
+
+    with _recording(record):
+        model(input_ids=ids, use_cache=False)
+    return torch.stack([per_layer[i] for i in sorted(per_layer)]), prefill(model, ids[:, :context_len]).cache
+
+
+def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratios: Sequence[float],
+                        policies: Sequence[str] = ("knorm", "random", "high_norm"),
+                        options: PolicyOptions = PolicyOptions()) -> list[dict[str, Any]]:
+    """Fraction of the continuation queries' attention that falls on context keys a policy evicts,
+    per layer, KV head, policy and keep_ratio. ``"oracle"`` evicts the least-attended keys (by the
+    same future attention): the smallest loss any policy evicting that many keys can reach."""
+    future, cache = future_attention(model, input_ids, context_len)
+    rows = []
+    for policy in [*policies, "oracle"]:
+        scores = ([f[None] for f in future] if policy == "oracle" else policy_scores(cache, policy, options))
+        for keep_ratio in keep_ratios:
+            n_kept = n_kept_for(context_len, keep_ratio)
+            for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
+                kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(-1, layer_scores[0].topk(n_kept, -1).indices, True)
+                lost = (attn * ~kept).sum(-1)
+                for head in range(attn.shape[0]):
+                    rows.append({"policy": policy, "keep_ratio": keep_ratio, "layer": layer, "kv_head": head,
+                                 "mass_lost": lost[head].item(), "mass_on_context": attn[head].sum().item()})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. Metrics
 # ----------------------------------------------------------------------------------------------
 
-def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference."""
+def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor,
+                  chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
+
+    Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
+    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass)."""
     dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
-    logp = logits.to(dtype).log_softmax(-1)
-    ref_logp = ref_logits.to(dtype).log_softmax(-1)
-    nll = -logp.gather(-1, targets.view(-1, 1)).squeeze(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0)
-    pred = logits.argmax(-1)
-    return {"nll": nll.cpu(), "correct": (pred == targets).cpu(), "kl": kl.cpu(),
-            "top1_agree": (pred == ref_logits.argmax(-1)).cpu()}
+    parts: dict[str, list[torch.Tensor]] = {"nll": [], "correct": [], "kl": [], "top1_agree": []}
+    for start in range(0, logits.shape[0], chunk):
+        x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)
+        tgt = targets[start:start + chunk].view(-1, 1)
+        lse, ref_lse = x.logsumexp(-1), ref.logsumexp(-1)
+        ref_p = (ref - ref_lse[:, None]).exp()
+        kl = (ref_p * (ref - x)).sum(-1) - ref_lse + lse
+        pred = x.argmax(-1)
+        parts["nll"].append((lse - x.gather(-1, tgt).squeeze(-1)).cpu())
+        parts["kl"].append(kl.clamp_min(0.0).cpu())
+        parts["correct"].append((pred == tgt.squeeze(-1)).cpu())
+        parts["top1_agree"].append((pred == ref.argmax(-1)).cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
