@@ -1177,7 +1177,7 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
 # ----------------------------------------------------------------------------------------------
 
 def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor,
-                  chunk: int = 256) -> dict[str, torch.Tensor]:
+                  chunk: int = 32) -> dict[str, torch.Tensor]:
     """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
 
     Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
@@ -1188,8 +1188,8 @@ def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch
         x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)
         tgt = targets[start:start + chunk].view(-1, 1)
         lse, ref_lse = x.logsumexp(-1), ref.logsumexp(-1)
-        ref_p = (ref - ref_lse[:, None]).exp()
-        kl = (ref_p * (ref - x)).sum(-1) - ref_lse + lse
+        ref_p = (ref - ref_lse[:, None]).exp_()
+        kl = torch.linalg.vecdot(ref_p, ref) - torch.linalg.vecdot(ref_p, x) - ref_lse + lse
         pred = x.argmax(-1)
         parts["nll"].append((lse - x.gather(-1, tgt).squeeze(-1)).cpu())
         parts["kl"].append(kl.clamp_min(0.0).cpu())
