@@ -52,7 +52,7 @@ __all__ = [
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
-    "attention_received", "future_attention", "attention_mass_lost",
+    "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html",
     "StreamingConfig", "budget_schedule", "eviction_steps", "streaming_mask", "streaming_ppl",
     "streaming_sweep", "full_logits",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
@@ -369,9 +369,11 @@ def random_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
 
 @register_policy("streaming")
 def streaming_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
-    """StreamingLLM: the first ``n_sink`` tokens, then the most recent ones."""
+    """StreamingLLM: the first ``n_sink`` tokens, then the most recent ones. Sinks rank above every
+    other token and among themselves by age (the first token last to go, should the budget ever be
+    smaller than ``n_sink``); 2**23 keeps the scores exact in float32."""
     pos = kv.positions.float()
-    return torch.where(kv.positions < opts.n_sink, pos.new_full((), float("inf")), pos)
+    return torch.where(kv.positions < opts.n_sink, 2.0**23 + opts.n_sink - pos, pos)
 
 
 @register_policy("h2o")
@@ -1173,6 +1175,86 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
 
 
 # ----------------------------------------------------------------------------------------------
+# 5d. Interactive explorer (00_explore): prefill once per text, re-compress per slider move
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ExplorerView:
+    """Everything 00_explore displays for one setting."""
+    tokens: list[str]              # decoded context tokens
+    kept: list[bool]               # per context token: kept in the chosen layer / KV head
+    norms: torch.Tensor            # (H_kv, context_len) key norms of the chosen layer
+    result: EvalResult             # PPL, accuracy, KL against the full cache on the scored part
+    continuation: str              # greedy continuation from the compressed cache
+    reference_continuation: str    # ... and from the full cache
+    agreement: dict[str, float]
+    seconds: float
+
+
+class Explorer:
+    """Holds one text's prefill so that each setting only re-compresses and re-scores.
+
+    The first ``1 - score_fraction`` of the tokens is the context that gets compressed; the rest
+    is scored teacher-forced (prefill protocol) and the continuation is generated after the context."""
+
+    def __init__(self, model: Any, tokenizer: Any, text: str, max_tokens: int = 512,
+                 score_fraction: float = 0.25, n_generate: int = 24) -> None:
+        if not 0 < score_fraction < 1:
+            raise ValueError(f"score_fraction={score_fraction!r}: must be in (0, 1)")
+        self.model, self.tokenizer, self.n_generate = model, tokenizer, n_generate
+        self.ids = encode(tokenizer, text, max_tokens)
+        n = self.ids.shape[1]
+        if n < 8:
+            raise ValueError(f"text: {n} tokens; the explorer needs at least 8")
+        self.context_len = max(2, min(n - 2, round(n * (1 - score_fraction))))
+        self.pre = prefill(model, self.ids[:, :self.context_len], capture_hidden=True)
+        self.new_ids = self.ids[:, self.context_len:-1]
+        self.targets = self.ids[0, self.context_len + 1:].to(model.device)
+        self.ref_logits = continuation_logits(model, self.pre.cache, self.new_ids)
+        self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
+        self.reference_ids = generate_greedy(model, self.ids[:, :self.context_len], n_generate, pre=self.pre)
+        self._scores: dict[tuple, list] = {}
+
+    def view(self, keep_ratio: float, policy: str = "knorm", skip_layers: Sequence[int] = (0, 1),
+             position_mode: PositionMode = "absolute", layer: int = 2, kv_head: int = 0,
+             order: Order = "original") -> ExplorerView:
+        t0 = time.perf_counter()
+        cfg = EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode)
+        cfg.validate(_n_layers(self.model))
+        if not 0 <= layer < _n_layers(self.model):
+            raise ValueError(f"layer={layer}: outside 0..{_n_layers(self.model) - 1}")
+        if not 0 <= kv_head < self.pre.cache.keys[0].shape[1]:
+            raise ValueError(f"kv_head={kv_head}: outside 0..{self.pre.cache.keys[0].shape[1] - 1}")
+        key = (policy,)
+        if key not in self._scores:
+            self._scores[key] = policy_scores(self.pre.cache, policy, PolicyOptions(), self.pre.layer_inputs)
+        cache = compress_cache(self.pre.cache, keep_ratio, policy, skip_layers, order, scores=self._scores[key])
+        logits = continuation_logits(self.model, cache, self.new_ids, position_mode)
+        m = token_metrics(logits, self.targets, self.ref_logits)
+        result = EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"],
+                            n_kept_for(self.context_len, keep_ratio), self.context_len, cache.nbytes())
+        kept = torch.zeros(self.context_len, dtype=torch.bool)
+        kept[cache.positions[layer][0, kv_head].cpu()] = True
+        generated = generate_greedy(self.model, self.ids[:, :self.context_len], self.n_generate, keep_ratio, policy,
+                                    skip_layers, order, position_mode, pre=self.pre)
+        return ExplorerView(self.tokens, kept.tolist(), _norms(self.pre.cache.keys[layer])[0].cpu(), result,
+                            self.tokenizer.decode(generated), self.tokenizer.decode(self.reference_ids),
+                            generation_agreement(generated, self.reference_ids), time.perf_counter() - t0)
+
+
+def highlight_html(tokens: Sequence[str], kept: Sequence[bool]) -> str:
+    """The context as HTML, kept tokens highlighted (``class="kept"``), evicted ones struck through."""
+    import html as _html
+
+    spans = []
+    for tok, keep in zip(tokens, kept):
+        text = _html.escape(tok).replace("\n", "↵<br>")
+        cls, style = ("kept", "background:#c7e9c0") if keep else ("evicted", "color:#999;text-decoration:line-through")
+        spans.append(f'<span class="{cls}" style="{style}">{text}</span>')
+    return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">' + "".join(spans) + "</div>"
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. Metrics
 # ----------------------------------------------------------------------------------------------
 
@@ -1286,6 +1368,11 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "corpora": lambda n, v: _check_list(n, v, lambda c: _check_choice(n, c, CORPORA)),
     "position_modes": lambda n, v: _check_list(n, v, lambda m: _check_choice(n, m, POSITION_MODES)),
     "orders": lambda n, v: _check_list(n, v, lambda o: _check_choice(n, o, ORDERS)),
+    "keep_ratio": lambda n, v: _check_keep_ratio(v) and None,
+    "policy": lambda n, v: resolve_policy(v) and None,
+    "position_mode": lambda n, v: _check_choice(n, v, POSITION_MODES),
+    "text": lambda n, v: None if v is None or (isinstance(v, str) and v.strip()) else (_ for _ in ()).throw(
+        ValueError(f"{n}={v!r}: must be None (a wiki article) or non-empty text")),
 }
 
 

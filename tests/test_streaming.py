@@ -156,3 +156,10 @@ def test_real_model_engines_agree(real_model, news_ids):
         torch.testing.assert_close(one_all.nll, seq_all.nll, rtol=1e-4, atol=1e-4)
     else:
         assert (one_all.nll - seq_all.nll).abs().max() > 0
+
+
+def test_streaming_policy_never_evicts_the_first_token(tiny64, ids48):
+    """Even when the early budget is smaller than n_sink, the first token (the attention sink) stays."""
+    res = kl.streaming_ppl(tiny64, ids48, "streaming", keep_ratio=0.5, skip_layers=())
+    for evict in res.evictions.values():
+        assert bool((evict[:, 0] == ids48.shape[1]).all())
