@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNEL := knorm-study
 PROFILE ?= full
 
-.PHONY: setup data test report lab bench clean-results
+.PHONY: setup data browser test report lab bench clean-results
 
 setup: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): requirements.txt
 data: setup
 	$(PY) scripts/make_data.py
 
-test: data
+# Debian's Chromium for the real-browser test (Playwright drives it; no browser is downloaded).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "the browser test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+test: data browser
 	$(PY) -m pytest -q tests
 
 report: data

@@ -383,7 +383,7 @@ def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
     if kv.attention_mass is None or kv.budget is None:
         raise ValueError("policy='h2o' is dynamic (it needs the attention each token received): "
                          "use streaming_ppl(..., engine='sequential')")
-    n_recent = max(1, kv.budget // 2)
+    n_recent = kv.budget // 2  # H2O's even split; 0 while the budget is 1 (then attention alone decides)
     newest = kv.positions.amax(dim=-1, keepdim=True)
     recent = kv.positions > newest - n_recent
     return torch.where(recent, kv.attention_mass.new_full((), float("inf")), kv.attention_mass)
