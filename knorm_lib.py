@@ -2,13 +2,16 @@
 
 The one module the study's notebooks import. Sections, in reading order:
 
-1. loading      ``load_model`` (embedded SmolLM2 or any Hugging Face id / local path)
-2. data         ``load_corpus``, ``encode``
+1. loading      ``load_model`` (embedded SmolLM2 or any Hugging Face id / local path), ``random_llama``
+2. data         ``load_corpus``, ``encode``, ``long_documents``, ``token_kinds``
 3. policies     one small score function per policy (higher score = keep); ``register_policy``
-4. compression  ``n_kept_for``, ``KVCache``, ``compress_cache``, re-rotation
+4. compression  ``n_kept_for``, ``KVCache``, ``compress_cache``, ``key_norms``, re-rotation
 5. evaluation   ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``generate_greedy``
-6. metrics      ``token_metrics``, ``generation_agreement``
-7. timing       ``machine_info``, ``timed``
+   5b streaming ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
+   5c attention ``attention_received``, ``attention_mass_lost``
+   5d explorer  ``Explorer`` (what 00_explore's sliders call)
+6. metrics      ``token_metrics``, ``generation_agreement``, ``aggregate``
+7. timing       ``machine_info``, ``timed``; notebook parameters and atomic result files
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
 
