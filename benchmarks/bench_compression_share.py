@@ -37,7 +37,7 @@ def main() -> None:
     prefill_t = kl.timed(do_prefill, repeats=args.repeats, warmup=1)
     compress_t = kl.timed(do_compress, repeats=max(20, args.repeats), warmup=3)
     shares = [c / p for c, p in zip(compress_t["times_s"], prefill_t["times_s"])]
-    print(json.dumps({
+    line = {
         "what": "knorm compression (score + gather, all layers) as a share of prefill time",
         "config": {"tokens": args.tokens, "keep_ratio": args.keep_ratio, "skip_layers": [],
                    "model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype)},
@@ -46,7 +46,9 @@ def main() -> None:
                     "share_max": max(shares) if shares else None, "bar": 0.02,
                     "meets_bar": compress_t["median_s"] / prefill_t["median_s"] <= 0.02},
         "machine": kl.machine_info(),
-    }))
+    }
+    print(json.dumps(line))
+    kl.write_json_atomic(kl.DATA_DIR / "results" / "benchmarks" / f"{Path(__file__).stem}.json", line)
 
 
 if __name__ == "__main__":

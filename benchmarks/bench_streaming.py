@@ -79,7 +79,7 @@ def main() -> None:
     speedup = sequential_s / one_pass["median_s"]
     speedup_with_reference = (sequential_s + reference_s["median_s"]) / (one_pass["median_s"] + reference_s["median_s"])
     rel = abs(seq_result.ppl - op_result.ppl) / seq_result.ppl
-    print(json.dumps({
+    line = {
         "what": "streaming knorm evaluation: one-pass masked forward vs sequential per-token reference",
         "config": {"document": ids_all.title, "tokens": args.tokens, "keep_ratio": args.keep_ratio,
                    "skip_layers": [0, 1], "model": "SmolLM2-135M-Instruct (embedded)", "dtype": "float32"},
@@ -90,7 +90,9 @@ def main() -> None:
                     "peak_rss_4096": peak, "bars": {"speedup_min": 10, "ppl_rel_diff_max": 1e-3, "peak_gb_max": 6},
                     "meets_bars": speedup >= 10 and rel <= 1e-3 and peak["peak_rss_mb"] < 6 * 1024},
         "machine": kl.machine_info(),
-    }))
+    }
+    print(json.dumps(line))
+    kl.write_json_atomic(kl.DATA_DIR / "results" / "benchmarks" / f"{Path(__file__).stem}.json", line)
 
 
 if __name__ == "__main__":

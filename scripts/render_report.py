@@ -85,7 +85,94 @@ Full-model (uncompressed) perplexity of the longest wiki articles, for reference
     return body, headline
 
 
-SECTIONS = {"03_position_order_ppl": section_03}
+def section_00(res: dict) -> tuple[str, str]:
+    r = res["results"]
+    s = r["summary"]
+    body = f"""## 00 · Interactive explorer
+
+Defaults: keep_ratio {s['keep_ratio']}, policy {s['policy']}, skip_layers {s['skip_layers']}, {s['position_mode']}
+positions; context {r['context_len']} tokens, {s['n_scored']} scored. PPL {s['ppl']:.3f}, next-token accuracy
+{s['next_token_acc']:.3f}, KL {s['kl']:.4f}; greedy continuation matches the full cache for
+{r['agreement']['matching_prefix']} tokens. One slider update (re-compress, re-score, regenerate) took
+{min(r['update_seconds']):.2f}–{max(r['update_seconds']):.2f} s in the headless run.
+
+![explorer](figures/explore.png)
+"""
+    return body, ""
+
+
+def section_01(res: dict) -> tuple[str, str]:
+    s = res["results"]["summary"]
+    kinds = sorted(s["median_norm_by_kind_relative"].items(), key=lambda kv: kv[1])
+    stab = s["head_stability_spearman_mean"]
+    body = f"""## 01 · Key-norm anatomy
+
+{s['n_documents']} documents. The first token's key norm is below the median of the other tokens in
+{s['fraction_heads_sink_below_median']:.0%} of (layer, KV head) pairs (median ratio {s['sink_ratio_median_all']:.2f}).
+Median key norm by token kind relative to the layer median: {", ".join(f"{k} {v:.2f}" for k, v in kinds)}.
+Per-head median norms correlate across documents with Spearman {"n/a" if stab is None else f"{stab:.3f}"}; key and value
+norms correlate with Spearman {s['key_value_norm_spearman']:.2f}.
+
+![violins](figures/01_norm_distributions/key_norm_violins.png)
+![position](figures/01_norm_distributions/norm_vs_position.png)
+![kinds](figures/01_norm_distributions/norm_by_token_kind.png)
+"""
+    headline = (f"- **The attention sink has a low key norm:** the first token's key norm is below the median in "
+                f"{s['fraction_heads_sink_below_median']:.0%} of (layer, head) pairs, so KnormPress keeps it unasked.\n")
+    return body, headline
+
+
+def section_02(res: dict) -> tuple[str, str]:
+    s = res["results"]["summary"]
+    lost = s["fraction_lost"]
+    ratios = res["parameters"]["keep_ratios"]
+    pols = ["knorm", "random", "high_norm", "oracle"]
+    table = md_table(["keep_ratio"] + pols, [[r] + [lost[f"{p}@{r}"] for p in pols] for r in ratios])
+    body = f"""## 02 · Norm–attention correlation
+
+Mean Spearman ρ(key norm, causally normalised attention received): {s['spearman_mean_layers_0_1']:.2f} in layers 0–1,
+{s['spearman_mean_layers_2plus']:.2f} in layers ≥ 2 ({s['fraction_heads_negative_layers_2plus']:.0%} of cells negative).
+Fraction of the continuation's attention that falls on evicted context keys (layers ≥ 2):
+
+{table}
+
+![heatmap](figures/02_attention_correlation/spearman_heatmap.png)
+![lost](figures/02_attention_correlation/attention_mass_lost.png)
+"""
+    headline = (f"- **Low norm ↔ high attention holds beyond the first layers:** Spearman ρ {s['spearman_mean_layers_2plus']:.2f} "
+                f"in layers ≥ 2 against {s['spearman_mean_layers_0_1']:.2f} in layers 0–1.\n")
+    return body, headline
+
+
+def section_streaming(res: dict) -> tuple[str, str]:
+    r = res["results"]
+    rows = r["rows"]
+    full = rows[0]["ppl"]
+    ratios = sorted({x["keep_ratio"] for x in rows[1:]}, reverse=True)
+    pols = list(dict.fromkeys(x["policy"] for x in rows[1:]))
+    get = lambda p, k: next(x for x in rows[1:] if x["policy"] == p and x["keep_ratio"] == k)
+    table = md_table(["policy (engine)"] + [f"keep {k}" for k in ratios],
+                     [[f"{p} ({get(p, ratios[0])['engine']})"] + [get(p, k)["ppl"] for k in ratios] for p in pols])
+    body = f"""## Streaming protocol (scripts/streaming_numbers.py)
+
+{r['document']}, first {res['parameters']['tokens']} tokens, skip_layers (0, 1), cache cut back after every token
+(budget `n_kept(t+1, keep_ratio)`); full-cache PPL {full:.3f}:
+
+{table}
+"""
+    return body, ""
+
+
+def section_benchmarks() -> str:
+    lines = []
+    for path in sorted((RESULTS / "benchmarks").glob("*.json")):
+        b = json.loads(path.read_text())
+        lines.append(f"- `{path.stem}`: {b['what']} — `{json.dumps(b['numbers'], default=str)[:600]}`")
+    return ("## Benchmarks (benchmarks/, last recorded run)\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+SECTIONS = {"00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
+            "03_position_order_ppl": section_03, "streaming": section_streaming}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -107,6 +194,9 @@ def main() -> None:
         body, headline = render(res)
         bodies.append(body)
         headlines.append(headline)
+    bench = section_benchmarks()
+    if bench:
+        bodies.append(bench)
     if not bodies:
         print(f"no results for profile {args.profile!r} yet; run `make report`")
         return

@@ -38,6 +38,25 @@ def failing_cell(exc: Exception) -> str:
     return f"cell {index}: {ename}: {evalue}"
 
 
+def write_html(executed_dir: Path, html_dir: Path) -> None:
+    """An HTML page per executed notebook (code folded away) and an index linking them."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    html_dir.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
+    links = []
+    for nb_path in sorted(executed_dir.glob("*.ipynb")):
+        body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
+        target = html_dir / f"{nb_path.stem}.html"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(body, encoding="utf-8")
+        os.replace(tmp, target)
+        links.append(f'<li><a href="{target.name}">{nb_path.stem}</a></li>')
+    (html_dir / "index.html").write_text("<html><body><h1>knorm-study: executed notebooks</h1><ul>"
+                                         + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="full", choices=["quick", "full", "large"])
@@ -84,8 +103,10 @@ def main() -> int:
         tmp.write_text(json.dumps({"hash": digest, "seconds": time.time() - t0}))
         os.replace(tmp, stamp)
         print(f"{prefix}: done in {time.time() - t0:.0f} s", flush=True)
+    write_html(out_dir, BUILD / "html" / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
-          f"in {time.time() - t_start:.0f} s", flush=True)
+          f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / args.profile).relative_to(ROOT)}/index.html",
+          flush=True)
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
