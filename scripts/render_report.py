@@ -160,7 +160,11 @@ def section_streaming(res: dict) -> tuple[str, str]:
 
 {table}
 """
-    return body, ""
+    fmt = lambda p: "/".join(f"{get(p, k)['ppl']:.1f}" for k in ratios)
+    headline = (f"- **Streaming protocol (cache cut back after every token, {res['parameters']['tokens']} tokens, "
+                f"full cache {full:.2f}), PPL at keep_ratio {'/'.join(str(k) for k in ratios)}:** "
+                + "; ".join(f"{p} {fmt(p)}" for p in pols) + ".\n")
+    return body, headline
 
 
 def section_benchmarks() -> str:

@@ -110,7 +110,10 @@ def test_03_recorded_numbers(executed):
     assert all(_finite(x["ppl"]) for x in res["results"]["reference_full_model_ppl"])
     stream = res["results"]["invariants_streaming"]
     assert stream["order_max_rel_diff_absolute"] <= 1e-4
-    assert stream["cache_relative_min_inflation_when_evicting"] > 1.0
+    by_ratio = {float(k): v for k, v in stream["cache_relative_inflation_by_keep_ratio"].items()}
+    assert by_ratio[1.0] == pytest.approx(1.0, abs=1e-6)
+    # the position drift is the number of evictions so far: clear harm once a third or more is evicted
+    assert all(v > 1.0 for k, v in by_ratio.items() if k <= 0.7)
     assert stream["order_max_rel_diff_rerotated"] > 1e-3
     engines = {(r["position_mode"], r["engine"]) for r in res["results"]["streaming_rows"]}
     assert ("absolute", "one_pass") in engines and ("rerotated", "sequential") in engines
