@@ -55,7 +55,7 @@ __all__ = [
     "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
-    "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html",
+    "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html", "norm_strip_html",
     "StreamingConfig", "budget_schedule", "eviction_steps", "streaming_mask", "streaming_ppl",
     "streaming_sweep", "full_logits",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
@@ -1243,6 +1243,24 @@ class Explorer:
         return ExplorerView(self.tokens, kept.tolist(), _norms(self.pre.cache.keys[layer])[0].cpu(), result,
                             self.tokenizer.decode(generated), self.tokenizer.decode(self.reference_ids),
                             generation_agreement(generated, self.reference_ids), time.perf_counter() - t0)
+
+
+def norm_strip_html(norms: torch.Tensor, title: str = "") -> str:
+    """Key norms ``(H_kv, positions)`` as rows of coloured cells (viridis, min to max), one row
+    per KV head: plain HTML, so it renders the same in widgets, notebooks and browsers."""
+    from matplotlib import colormaps
+
+    lo, hi = float(norms.min()), float(norms.max())
+    cmap = colormaps["viridis"]
+    rows = []
+    for head, row in enumerate(norms.tolist()):
+        cells = "".join(
+            '<span title="{:.2f}" style="flex:1;height:14px;background:#{:02x}{:02x}{:02x}"></span>'.format(
+                v, *(int(255 * c) for c in cmap((v - lo) / (hi - lo + 1e-12))[:3])) for v in row)
+        rows.append(f'<div style="display:flex;align-items:center"><span style="width:70px">KV head {head}</span>'
+                    f'<div style="display:flex;flex:1">{cells}</div></div>')
+    legend = f"<small>key L2 norm per context position: dark {lo:.1f} … bright {hi:.1f}</small>"
+    return f'<div class="norm-strip"><b>{title}</b>{"".join(rows)}{legend}</div>'
 
 
 def highlight_html(tokens: Sequence[str], kept: Sequence[bool]) -> str:
