@@ -75,12 +75,13 @@ def test_explorer_slider_in_real_browser(jupyterlab):
         page.goto(f"{jupyterlab}/lab/tree/00_explore.ipynb")
         page.locator(".jp-NotebookPanel").first.wait_for(timeout=120_000)
         page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=120_000)
+        page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\| Idle")).first.wait_for(timeout=120_000)
         ppl = page.locator("#metrics .ppl")
         for attempt in range(2):  # a click that lands before the kernel is connected runs nothing: retry once
             page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
             page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
             try:
-                ppl.wait_for(timeout=150_000)
+                ppl.wait_for(timeout=90_000)
                 break
             except Exception:
                 if attempt == 1:
