@@ -139,8 +139,14 @@ Fraction of the continuation's attention that falls on evicted context keys (lay
 ![heatmap](figures/02_attention_correlation/spearman_heatmap.png)
 ![lost](figures/02_attention_correlation/attention_mass_lost.png)
 """
-    headline = (f"- **Low norm ↔ high attention holds beyond the first layers:** Spearman ρ {s['spearman_mean_layers_2plus']:.2f} "
-                f"in layers ≥ 2 against {s['spearman_mean_layers_0_1']:.2f} in layers 0–1.\n")
+    rho_late, rho_early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
+    holds = rho_late < 0 and rho_late < rho_early
+    mid = 0.5 if 0.5 in ratios else ratios[len(ratios) // 2]
+    headline = (f"- **Low norm ↔ high attention {'holds beyond the first layers' if holds else 'is weak token by token on this model'}:** "
+                f"mean Spearman ρ {rho_late:.2f} in layers ≥ 2 against {rho_early:.2f} in layers 0–1 (first token excluded). "
+                f"What KnormPress needs still holds: evicting by norm at keep_ratio {mid} loses {lost[f'knorm@{mid}']:.1%} of "
+                f"the continuation's attention (random {lost[f'random@{mid}']:.1%}, oracle {lost[f'oracle@{mid}']:.1%}), "
+                f"consistent with the attention sink having a low key norm (notebook 01).\n")
     return body, headline
 
 
