@@ -65,6 +65,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("KNORM_DATA_DIR", PROJECT_ROOT / "data"))
 DEFAULT_MODEL_DIR = DATA_DIR / "models" / "SmolLM2-135M-Instruct"
 CORPUS_DIR = DATA_DIR / "corpora"
+RESULTS_DIR = Path(os.environ.get("KNORM_RESULTS_DIR", DATA_DIR / "results"))
 ATTN_IMPLEMENTATION = "knorm_study"
 
 PositionMode = Literal["absolute", "cache_relative", "rerotated"]
@@ -1426,7 +1427,7 @@ def record_results(notebook: str, profile: str, parameters: dict[str, Any], resu
     if model is not None:
         identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
                         n_layers=_n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
-    path = DATA_DIR / "results" / notebook / f"{profile}.json"
+    path = RESULTS_DIR / notebook / f"{profile}.json"
     write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
                              "identity": identity, "machine": machine_info(),
                              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})

@@ -48,7 +48,7 @@ def main() -> None:
         "machine": kl.machine_info(),
     }
     print(json.dumps(line))
-    kl.write_json_atomic(kl.DATA_DIR / "results" / "benchmarks" / f"{Path(__file__).stem}.json", line)
+    kl.write_json_atomic(kl.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
 
 
 if __name__ == "__main__":

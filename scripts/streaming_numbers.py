@@ -26,7 +26,7 @@ def main() -> None:
     doc = kl.long_documents(tok, "wiki", N_TOKENS, 1)[0]
     rows = [{"document": doc.title, "policy": "none (full cache)", "keep_ratio": 1.0, "engine": "-",
              "ppl": kl.full_ppl(model, doc.input_ids), "seconds": None}]
-    previous = kl.DATA_DIR / "results" / "streaming" / "full.json"
+    previous = kl.RESULTS_DIR / "streaming" / "full.json"
     if set(args.policies) != set(POLICIES) and previous.exists():
         rows += [r for r in json.loads(previous.read_text())["results"]["rows"][1:] if r["policy"] not in args.policies]
     for policy in args.policies:

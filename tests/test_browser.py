@@ -37,7 +37,8 @@ def jupyterlab(tmp_path_factory):
     news.mkdir(parents=True)
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               JUPYTER_RUNTIME_DIR=str(tmp_path_factory.mktemp("runtime")), JUPYTERLAB_SETTINGS_DIR=str(settings))
+               JUPYTER_RUNTIME_DIR=str(tmp_path_factory.mktemp("runtime")), JUPYTERLAB_SETTINGS_DIR=str(settings),
+               KNORM_RESULTS_DIR=str(tmp_path_factory.mktemp("results")))  # the committed results stay untouched
     log = (tmp_path_factory.mktemp("lab") / "lab.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                              f"--ServerApp.port={port}", "--IdentityProvider.token=", "--ServerApp.password=",
