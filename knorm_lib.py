@@ -652,6 +652,14 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
                    store if capture_hidden else None)
 
 
+def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[KVCache, int]:
+    """The cache to attend to and the position the next new token gets under ``position_mode``."""
+    _check_choice("position_mode", position_mode, POSITION_MODES)
+    if position_mode == "rerotated":
+        return rerotate_keys(cache, model)
+    return cache, cache.seq_len if position_mode == "absolute" else min(cache.lengths())
+
+
 @torch.inference_mode()
 def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
                         position_mode: PositionMode = "absolute") -> torch.Tensor:
@@ -660,13 +668,7 @@ def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
     ``position_mode`` numbers the new tokens: ``absolute`` from ``cache.seq_len`` (true positions),
     ``cache_relative`` from the compressed length (the bug), ``rerotated`` after the re-rotated
     slots."""
-    _check_choice("position_mode", position_mode, POSITION_MODES)
-    if position_mode == "rerotated":
-        cache, start = rerotate_keys(cache, model)
-    elif position_mode == "cache_relative":
-        start = min(cache.lengths())
-    else:
-        start = cache.seq_len
+    cache, start = _numbered(cache, model, position_mode)
     t = new_ids.shape[-1]
     position_ids = torch.arange(start, start + t, device=model.device)[None]
     out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=cache.to_transformers(),
@@ -815,11 +817,7 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode).validate(_n_layers(model))
     pre = pre or prefill(model, input_ids, capture_hidden=policy in KVPRESS_POLICIES)
     cache = compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
-    _check_choice("position_mode", position_mode, POSITION_MODES)
-    if position_mode == "rerotated":
-        cache, position = rerotate_keys(cache, model)
-    else:
-        position = cache.seq_len if position_mode == "absolute" else min(cache.lengths())
+    cache, position = _numbered(cache, model, position_mode)
     token = pre.last_logits.argmax(-1).view(1, 1)
     out_tokens = [token]
     dyn = cache.to_transformers()
@@ -1379,12 +1377,17 @@ def _check_list(name: str, v: Any, check: Callable[[Any], None]) -> None:
         check(item)
 
 
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: must be {what}")
+
+
 PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "profile": lambda n, v: _check_choice(n, v, PROFILES),
-    "model_name": lambda n, v: None if v is None or isinstance(v, str) else (_ for _ in ()).throw(
-        ValueError(f"{n}={v!r}: must be None (embedded model) or a Hugging Face id / local path")),
-    "device": lambda n, v: None if isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto")
-    else (_ for _ in ()).throw(ValueError(f"{n}={v!r}: must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")),
+    "model_name": lambda n, v: _require(v is None or isinstance(v, str), n, v,
+                                        "None (embedded model) or a Hugging Face id / local path"),
+    "device": lambda n, v: _require(isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto"), n, v,
+                                    "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
     "keep_ratios": lambda n, v: _check_list(n, v, lambda r: _check_keep_ratio(r)),
     "policies": lambda n, v: _check_list(n, v, lambda p: resolve_policy(p) and None),
     "corpora": lambda n, v: _check_list(n, v, lambda c: _check_choice(n, c, CORPORA)),
@@ -1393,8 +1396,8 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "keep_ratio": lambda n, v: _check_keep_ratio(v) and None,
     "policy": lambda n, v: resolve_policy(v) and None,
     "position_mode": lambda n, v: _check_choice(n, v, POSITION_MODES),
-    "text": lambda n, v: None if v is None or (isinstance(v, str) and v.strip()) else (_ for _ in ()).throw(
-        ValueError(f"{n}={v!r}: must be None (a wiki article) or non-empty text")),
+    "text": lambda n, v: _require(v is None or (isinstance(v, str) and bool(v.strip())), n, v,
+                                  "None (a wiki article) or non-empty text"),
 }
 
 
