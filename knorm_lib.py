@@ -3,14 +3,14 @@
 The one module the study's notebooks import. Sections, in reading order:
 
 1. loading      ``load_model`` (embedded SmolLM2 or any Hugging Face id / local path), ``random_llama``
-2. data         ``load_corpus``, ``encode``, ``long_documents``, ``token_kinds``
+2. data         ``load_corpus``, ``encode``, ``long_documents``, ``token_kinds``, ``passkey_prompt``
 3. policies     one small score function per policy (higher score = keep); ``register_policy``
 4. compression  ``n_kept_for``, ``KVCache``, ``compress_cache``, ``key_norms``, re-rotation
-5. evaluation   ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``generate_greedy``
+5. evaluation   ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``span_metrics``, ``generate_greedy``
    5b streaming ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
    5c attention ``attention_received``, ``attention_mass_lost``
    5d explorer  ``Explorer`` (what 00_explore's sliders call)
-6. metrics      ``token_metrics``, ``generation_agreement``, ``aggregate``
+6. metrics      ``token_metrics``, ``generation_agreement``, ``wilson_interval``, ``aggregate``
 7. timing       ``machine_info``, ``timed``; notebook parameters and atomic result files
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
@@ -56,9 +56,10 @@ __all__ = [
     "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
     "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
     "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html", "norm_strip_html",
-    "StreamingConfig", "budget_schedule", "eviction_steps", "streaming_mask", "streaming_ppl",
+    "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask", "streaming_ppl",
     "streaming_sweep", "full_logits",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
+    "PasskeyPrompt", "passkey_key", "passkey_prompt", "span_metrics", "wilson_interval",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -80,7 +81,8 @@ ORDERS: tuple[str, ...] = ("original", "by_norm")
 
 # Per-layer attention masks for evaluators that need more than causal attention (the one-pass
 # streaming evaluator). ``None`` means plain causal attention.
-MaskFn = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
+# Called as ``mask_fn(layer_idx, query, key, scale)`` with the layer's RoPE-rotated tensors.
+MaskFn = Callable[[int, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
 # Receives (layer_idx, attention probabilities (B, H_q, q_len, k_len)) from every attention call.
 _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
@@ -97,7 +99,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """
     q_len, k_len = query.shape[2], key.shape[2]
     mask_fn = _MASK_FN.get()
-    mask = mask_fn(module.layer_idx, key, q_len) if mask_fn is not None else None
+    scale = scaling or query.shape[-1] ** -0.5
+    mask = mask_fn(module.layer_idx, query, key, scale) if mask_fn is not None else None
     is_causal = False
     if mask is None and q_len > 1:
         if q_len == k_len:
@@ -107,7 +110,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     recorder = _ATTN_RECORDER.get()
     if recorder is not None:  # H2O and the attention studies read the attention probabilities
         groups = query.shape[1] // key.shape[1]
-        logits = query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+        logits = query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
         if mask is not None or is_causal:
             visible = mask if mask is not None else torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
             logits = logits.masked_fill(~visible, float("-inf"))
@@ -300,6 +303,90 @@ def token_kinds(tokenizer: Any, input_ids: torch.Tensor) -> list[str]:
     return kinds
 
 
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "\nWhat is the pass key?"
+PASSKEY_ANSWER_PREFIX = "The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """A passkey-retrieval sample: ``input_ids[:, :context_len]`` is the chat-template prefix and
+    the filler holding the key line (what gets compressed); then the question, the end of the user
+    turn, the assistant prefix, ``PASSKEY_ANSWER_PREFIX`` and the space before the key (when the
+    tokenizer makes it a token of its own); ``input_ids[:, key_start:]`` are the key's digit tokens,
+    the answer greedy decoding must reproduce."""
+    input_ids: torch.Tensor   # (1, n)
+    context_len: int
+    key_start: int
+    key: str
+    depth: float
+    key_position: int         # index of the key line's first token in the context
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        """Everything before the key's tokens (what a generation run is given)."""
+        return self.input_ids[:, :self.key_start]
+
+    @property
+    def key_ids(self) -> torch.Tensor:
+        return self.input_ids[0, self.key_start:]
+
+
+def passkey_key(seed: int, context_tokens: int, depth: float, digits: int = 5) -> str:
+    """A ``digits``-digit key drawn from an RNG seeded by ``(seed, context_tokens, depth)``."""
+    import random
+
+    _positive_int("digits", digits)
+    rng = random.Random(f"passkey:{seed}:{context_tokens}:{float(depth)!r}")
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: str) -> PasskeyPrompt:
+    """Build a LongLoRA / landmark-style passkey sample whose context is exactly ``context_tokens``.
+
+    The filler (``PASSKEY_FILLER`` repeated, cut to length at the token level) surrounds the line
+    "The pass key is KEY. Remember it. KEY is the pass key.", inserted at the sentence boundary
+    nearest ``depth`` (0.0: first, 1.0: last) of the filler. The user turn is wrapped in the
+    tokenizer's chat template when it has one (plain text otherwise)."""
+    if not isinstance(key, str) or not key.isdigit():
+        raise ValueError(f"key={key!r}: must be a non-empty string of digits")
+    if not isinstance(depth, numbers.Real) or isinstance(depth, bool) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth!r}: must be a number in [0, 1]")
+    _positive_int("context_tokens", context_tokens)
+    marker = "\x00FILLER\x00"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker + PASSKEY_QUESTION}],
+                                             tokenize=False, add_generation_prompt=True)
+        if text.count(marker) != 1:
+            raise ValueError("tokenizer: its chat template does not keep the user message verbatim")
+        head, tail = text.split(marker)
+    else:
+        head, tail = "", PASSKEY_QUESTION + "\n"
+    ids = lambda s: tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    head_ids = ids(head + PASSKEY_INTRO)
+    key_line = ids(f" The pass key is {key}. Remember it. {key} is the pass key.")
+    unit = ids(PASSKEY_FILLER)
+    n_filler = context_tokens - len(head_ids) - len(key_line)
+    if n_filler < len(unit):
+        raise ValueError(f"context_tokens={context_tokens}: too short; the template, instructions and key line "
+                         f"take {len(head_ids) + len(key_line)} tokens, the filler needs at least {len(unit)} more")
+    filler = unit.repeat(n_filler // len(unit) + 1)[:n_filler]
+    period = set(ids(".").tolist())
+    bounds = [0] + [i + 1 for i, t in enumerate(filler.tolist()) if t in period] + [n_filler]
+    cut = min(bounds, key=lambda b: (abs(b - depth * n_filler), b))
+    context = torch.cat([head_ids, filler[:cut], key_line, filler[cut:]])
+    question = ids(tail + PASSKEY_ANSWER_PREFIX)
+    answer = ids(" " + key)
+    lead = 0  # a whitespace-only first token (" " before the digits) belongs to the answer prefix
+    while lead < len(answer) - 1 and not tokenizer.decode(answer[lead:lead + 1]).strip():
+        lead += 1
+    input_ids = torch.cat([context, question, answer])[None]
+    return PasskeyPrompt(input_ids, len(context), len(context) + len(question) + lead, key, float(depth),
+                         len(head_ids) + cut)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Scores and policies (higher score = keep)
 # ----------------------------------------------------------------------------------------------
@@ -383,10 +470,10 @@ def streaming_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
 @register_policy("h2o")
 def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
     """H2O: the most recent half of the budget, then the heavy hitters by attention received so
-    far. Dynamic (a token's score grows with later queries): streaming, sequential engine only."""
+    far. Dynamic (a token's score grows with later queries): streaming protocol only."""
     if kv.attention_mass is None or kv.budget is None:
-        raise ValueError("policy='h2o' is dynamic (it needs the attention each token received): "
-                         "use streaming_ppl(..., engine='sequential')")
+        raise ValueError("policy='h2o' is dynamic (it needs the attention each token received so far): "
+                         "use it with streaming_ppl, not with prefill compression")
     n_recent = kv.budget // 2  # H2O's even split; 0 while the budget is 1 (then attention alone decides)
     newest = kv.positions.amax(dim=-1, keepdim=True)
     recent = kv.positions > newest - n_recent
@@ -783,6 +870,24 @@ def _is_identity(cfg: EvalConfig) -> bool:
     return cfg.keep_ratio == 1.0 and cfg.order == "original" and cfg.position_mode == "absolute"
 
 
+def span_metrics(result: EvalResult, start: int, end: int | None = None) -> dict[str, Any]:
+    """Metrics of the input tokens ``start .. end-1`` (``end=None``: to the last) from a sweep result.
+
+    Scored token ``j`` of ``result`` is input token ``context_len + 1 + j``. ``correct`` is True iff
+    the argmax is right at every position of the span, i.e. greedy decoding from the token before
+    ``start`` reproduces the span exactly (a passkey answer); ``nll`` is the span's summed NLL."""
+    first, n = result.context_len + 1, result.nll.numel()
+    end = first + n if end is None else end
+    if not isinstance(start, int) or not first <= start < first + n:
+        raise ValueError(f"start={start!r}: must be a scored input position, {first} .. {first + n - 1}")
+    if not isinstance(end, int) or not start < end <= first + n:
+        raise ValueError(f"end={end!r}: must satisfy start < end <= {first + n}")
+    sl = slice(start - first, end - first)
+    correct = result.correct[sl]
+    return {"correct": bool(correct.all()), "token_acc": correct.float().mean().item(),
+            "nll": result.nll[sl].sum().item(), "n_tokens": end - start}
+
+
 def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratio: float,
                 policy: str = "knorm", skip_layers: Sequence[int] = (0, 1), order: Order = "original",
                 position_mode: PositionMode = "absolute", seed: int = 0, n_sink: int = 4) -> EvalResult:
@@ -884,6 +989,53 @@ def eviction_steps(scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+@torch.inference_mode()
+def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float, budget: torch.Tensor,
+                           score_fn: ScoreFn, opts: PolicyOptions, layer_idx: int,
+                           block: int = 256) -> torch.Tensor:
+    """Eviction steps ``(H_kv, n)`` for a policy that scores by attention received (H2O), from one
+    layer's queries ``(1, H_q, n, D)`` and keys ``(1, H_kv, n, D)``.
+
+    Exact, not an approximation: query ``t`` of this layer depends only on earlier layers, whose
+    retained sets are already fixed when this layer runs, so replaying the sequential engine's
+    steps here ("attend to the retained set plus yourself, add the attention to each token's mass,
+    then evict the lowest scores until ``budget[t]`` remain") takes the same decisions; ties go to
+    the oldest token, as in ``_keep_highest``. Costs a few small tensor ops per token."""
+    _, n_q_heads, n, _ = query.shape
+    n_kv_heads = key.shape[1]
+    groups = n_q_heads // n_kv_heads
+    q, k = query[0].float(), key[0].float().repeat_interleave(groups, dim=0)
+    alive = torch.zeros(n_kv_heads, n, dtype=torch.bool, device=key.device)
+    mass = torch.zeros(n_kv_heads, n, device=key.device)
+    evict = torch.full((n_kv_heads, n), n, dtype=torch.long)
+    positions = torch.arange(n, device=key.device).expand(1, n_kv_heads, n)
+    heads = torch.arange(n_kv_heads)
+    caps, n_alive = budget.tolist(), 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops: thread hand-offs would cost more than the work
+    try:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            logits = (q[:, start:stop] @ k[:, :stop].transpose(-1, -2)) * scale   # (H_q, rows, stop)
+            for t in range(start, stop):
+                alive[:, t] = True
+                n_alive += 1
+                visible = alive[:, :t + 1].repeat_interleave(groups, 0)
+                probs = logits[:, t - start, :t + 1].masked_fill(~visible, float("-inf")).softmax(-1)
+                mass[:, :t + 1] += probs.view(n_kv_heads, groups, t + 1).sum(1)
+                while n_alive > caps[t]:
+                    kv = LayerKV(key[:, :, :t + 1], key[:, :, :t + 1], positions[..., :t + 1], layer_idx,
+                                 attention_mass=mass[None, :, :t + 1], budget=caps[t])
+                    scores = score_fn(kv, opts)[0].masked_fill(~alive[:, :t + 1], float("inf"))
+                    gone = scores.argmin(-1)   # first minimum: the oldest of equal scores goes
+                    alive[heads, gone] = False
+                    evict[heads, gone.cpu()] = t
+                    n_alive -= 1
+    finally:
+        torch.set_num_threads(threads)
+    return evict
+
+
 def streaming_mask(evict: torch.Tensor, groups: int) -> torch.Tensor:
     """Boolean mask ``(1, H_kv * groups, n, n)``: key ``j`` is visible to query ``t`` iff
     ``j <= t <= evict[j]`` (query t sees the set retained after step t-1, plus itself)."""
@@ -924,11 +1076,13 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
     skip = set(cfg.skip_layers)
     evictions: dict[int, torch.Tensor] = {}
 
-    def mask_fn(layer_idx: int, key: torch.Tensor, q_len: int) -> torch.Tensor | None:
+    def mask_fn(layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor | None:
         if layer_idx in skip:
             return None
         if evict_override is not None:
             evict = evict_override[layer_idx]
+        elif cfg.policy in DYNAMIC_POLICIES:
+            evict = dynamic_eviction_steps(query, key, scale, budget, score_fn, opts, layer_idx)
         else:
             positions = torch.arange(n, device=key.device).expand(1, key.shape[1], n)
             scores = score_fn(LayerKV(key, key, positions, layer_idx), opts)[0]
@@ -1037,11 +1191,12 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     ``n_kept_for(t+1, r)``, i.e. floor, where the paper's code uses ceil). Any token may go,
     including the one just added (as in the paper's code).
 
-    ``engine="one_pass"`` (default where it applies): for policies whose score is fixed once the key
-    exists (knorm, high_norm, random, streaming) the retained sets follow from the scores alone, so
-    eviction steps are simulated per layer and KV head and the whole text is scored in ONE forward
-    with a per-layer mask. ``"sequential"``: one forward per token (the reference; needed for
-    dynamic policies such as h2o and for ``position_mode="rerotated"``). ``.nll`` covers tokens
+    ``engine="one_pass"`` (default where it applies): the whole text is scored in ONE forward with a
+    per-layer mask. For policies whose score is fixed once the key exists (knorm, high_norm, random,
+    streaming) the eviction steps follow from the scores alone (a heap per KV head); for h2o they
+    are replayed inside each layer from its queries and keys (``dynamic_eviction_steps``), which is
+    exact because a layer's queries depend only on earlier layers. ``"sequential"``: one forward per
+    token (the reference; needed for ``position_mode="rerotated"``). ``.nll`` covers tokens
     ``1..n-1``; KL and top-1 agreement compare with the uncompressed model on the same text
     (pass ``reference_logits=full_logits(model, ids)`` to share that forward across calls;
     ``streaming_sweep`` does).
@@ -1058,11 +1213,8 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     _check_choice("position_mode", position_mode, POSITION_MODES)
     budget = budget_schedule(n, keep_ratio, max_cache)
     if engine is None:
-        engine = "one_pass" if policy in STATIC_POLICIES and position_mode != "rerotated" else "sequential"
+        engine = "one_pass" if position_mode != "rerotated" else "sequential"
     _check_choice("engine", engine, ("sequential", "one_pass"))
-    if engine == "one_pass" and policy not in STATIC_POLICIES:
-        raise ValueError(f"engine='one_pass': policy {policy!r} is dynamic (its scores change with later "
-                         f"queries), so it needs engine='sequential'")
     if engine == "one_pass" and position_mode == "rerotated":
         raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
     cfg = StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink)
@@ -1309,6 +1461,17 @@ def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> di
     return {"matching_prefix": prefix, "token_agreement": same.float().mean().item() if n else float("nan")}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (default 95 %) for a success rate of ``successes`` out of ``n``."""
+    _positive_int("n", n)
+    if not isinstance(successes, numbers.Integral) or not 0 <= successes <= n:
+        raise ValueError(f"successes={successes!r}: must be an int in 0 .. n={n}")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> Any:
     """Mean, 95 % t-interval half-width, min, max and count of ``metrics`` over the rows of each
     ``by`` group (rows are usually one per document), as a pandas DataFrame."""
@@ -1471,3 +1634,281 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise ValueError("obj: circular or too deeply nested to write as JSON") from err
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+# Speed study (06_speed_tradeoffs): exact bytes, peak memory, timed decode, machine rates, cold starts
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters, each shared tensor (tied embeddings) counted once:
+    what one decode step must stream from memory besides the KV cache."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _malloc_trim() -> None:
+    """glibc only: return free heap memory to the OS (otherwise freed memory stays resident)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], Any], interval_s: float = 0.005, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Run ``fn`` once; return its result and the peak memory while it ran.
+
+    CPU: resident memory sampled every ``interval_s`` by a background thread (short spikes between
+    samples can be missed; on glibc, free heap memory is trimmed first so that the resident set
+    tracks live memory). CUDA: the allocator's exact peak.
+    ``increase_bytes`` is the peak above the memory held just before the call."""
+    import threading
+
+    if not isinstance(interval_s, numbers.Real) or not interval_s > 0:
+        raise ValueError(f"interval_s={interval_s!r}: must be a positive number of seconds")
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return result, {"kind": "cuda_allocated", "baseline_bytes": base, "peak_bytes": peak,
+                        "increase_bytes": peak - base}
+    _malloc_trim()  # hand freed heap pages back first, so the resident set tracks live memory
+    base = rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            peak[0] = max(peak[0], rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return result, {"kind": "rss", "baseline_bytes": base, "peak_bytes": peak[0], "increase_bytes": peak[0] - base}
+
+
+def _sync(device: Any) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def timed_decode(model: Any, cache: KVCache, first_token: torch.Tensor, n_tokens: int, warmup: int = 2,
+                 position_mode: PositionMode = "absolute") -> dict[str, Any]:
+    """Greedy decoding of ``n_tokens`` tokens after ``first_token`` on ``cache``, one forward per
+    token, each step timed (device synchronised). The first ``warmup`` steps are run but not
+    reported. New tokens are numbered exactly as in ``generate_greedy`` (true positions under
+    ``absolute``); ``cache`` itself is never modified. Returns per-step seconds, their median
+    (TPOT) and the tokens generated."""
+    _positive_int("n_tokens", n_tokens)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: must be an int >= 0")
+    cache, position = _numbered(cache, model, position_mode)
+    token = first_token.to(model.device).view(1, 1)
+    dyn = cache.to_transformers()
+    times, tokens = [], []
+    for _ in range(warmup + n_tokens):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
+                    position_ids=torch.tensor([[position]], device=model.device))
+        token = out.logits[:, -1].argmax(-1).view(1, 1)
+        _sync(model.device)
+        times.append(time.perf_counter() - t0)
+        tokens.append(token)
+        position += 1
+    steps = times[warmup:]
+    ordered = sorted(steps)
+    return {"step_s": steps, "warmup_step_s": times[:warmup], "median_s": ordered[len(ordered) // 2],
+            "q25_s": ordered[len(ordered) // 4], "q75_s": ordered[(3 * len(ordered)) // 4],
+            "min_s": ordered[0], "max_s": ordered[-1], "tokens": torch.cat(tokens, dim=1)[0].cpu().tolist()}
+
+
+@torch.inference_mode()
+def time_ttft(model: Any, input_ids: torch.Tensor, keep_ratios: Sequence[float], policies: Sequence[str] = ("knorm",),
+              skip_layers: Sequence[int] = (0, 1), repeats: int = 5, warmup: int = 1) -> tuple[dict[str, Any], Prefill]:
+    """Time-to-first-token pieces for one context: each repeat runs one prefill (the first token is
+    the argmax of its last logits) and then compresses that same cache under every
+    (policy, keep_ratio); TTFT of a configuration in a repeat = that prefill + that compression.
+    ``keep_ratio`` 1.0 means no compression (0 s). ``warmup`` untimed prefills run first; the first
+    of them is watched by ``peak_memory``. Returns the timings (seconds per repeat) and the last prefill."""
+    _positive_int("repeats", repeats)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: must be an int >= 0")
+    ratios = [_check_keep_ratio(r) for r in keep_ratios]
+    if not ratios or not policies:
+        raise ValueError("keep_ratios, policies: need at least one of each")
+    for p in policies:
+        resolve_policy(p)
+    input_ids = _check_ids(input_ids).to(model.device)
+    device = model.device
+    pre, memory = peak_memory(lambda: prefill(model, input_ids), device=str(device)) if warmup else (None, None)
+    for _ in range(max(warmup - 1, 0)):
+        pre = prefill(model, input_ids)
+    prefill_s: list[float] = []
+    compress_s: dict[str, list[float]] = {f"{p}@{r}": [] for p in policies for r in ratios}
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        pre = prefill(model, input_ids)
+        pre.last_logits.argmax(-1).item()
+        _sync(device)
+        prefill_s.append(time.perf_counter() - t0)
+        for p in policies:
+            for r in ratios:
+                if r == 1.0:
+                    compress_s[f"{p}@{r}"].append(0.0)
+                    continue
+                _sync(device)
+                t0 = time.perf_counter()
+                compress_cache(pre.cache, r, p, skip_layers)
+                _sync(device)
+                compress_s[f"{p}@{r}"].append(time.perf_counter() - t0)
+    ttft_s = {k: [a + b for a, b in zip(prefill_s, v)] for k, v in compress_s.items()}
+    return {"n_tokens": int(input_ids.shape[1]), "prefill_s": prefill_s, "compress_s": compress_s, "ttft_s": ttft_s,
+            "prefill_peak_memory": memory}, pre
+
+
+def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
+    """This machine's memory bandwidth (bytes/s, median over ``repeats`` after one warm-up) three
+    ways, on float32 buffers of ``n_bytes`` (far larger than a CPU cache): ``read`` (a sum),
+    ``copy`` (read + write counted) and ``gemv`` (a matrix-vector product streaming the matrix,
+    which is what a decode step does with every weight)."""
+    _positive_int("n_bytes", n_bytes)
+    _positive_int("repeats", repeats)
+    n = n_bytes // 4
+    cols = 4096
+    x = torch.rand(n, device=device)
+    y = torch.empty_like(x)
+    w = x[: (n // cols) * cols].view(-1, cols)
+    v = torch.rand(cols, device=device)
+    out: dict[str, Any] = {"n_bytes": n * 4}
+    for name, fn, moved in [("read", lambda: x.sum(), n * 4), ("copy", lambda: y.copy_(x), 2 * n * 4),
+                            ("gemv", lambda: w @ v, w.numel() * 4)]:
+        t = timed(lambda: (fn(), _sync(device)), repeats=repeats, warmup=1)
+        out[f"{name}_bytes_per_s"] = moved / t["median_s"]
+        out[f"{name}_s"] = t["times_s"]
+    return out
+
+
+def matmul_rate(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Arithmetic rate of an ``n x n`` matrix product (FLOP/s = 2 n^3 / median time), after one warm-up."""
+    _positive_int("n", n)
+    _positive_int("repeats", repeats)
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
+    t = timed(lambda: (a @ b, _sync(device)), repeats=repeats, warmup=1)
+    return {"n": n, "dtype": str(dtype), "flop_per_s": 2 * n**3 / t["median_s"], "times_s": t["times_s"]}
+
+
+def op_profile(fn: Callable[[], Any], top: int = 10) -> list[dict[str, Any]]:
+    """Run ``fn`` under ``torch.profiler``; the ``top`` operators by self CPU time, with their
+    share of the profiled wall time and call counts (where a decode step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _positive_int("top", top)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
+             "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in events[:top]]
+
+
+_COLD_CHILD = r"""
+import json, sys, time
+t_start = time.perf_counter()
+spec = json.loads(sys.stdin.read())
+import torch
+import knorm_lib as kl
+def sync():
+    if spec["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+t_import = time.perf_counter()
+if spec["model_config"] is not None:
+    model = kl.random_llama(seed=0, dtype=getattr(torch, spec["dtype"]), device=spec["device"], **spec["model_config"])
+else:
+    model, _ = kl.load_model(spec["model_name"], device=spec["device"], dtype=spec["dtype"])
+ids = torch.tensor([spec["input_ids"]])
+t_load = time.perf_counter()
+rows = []
+for rnd in range(spec["rounds"]):
+    for r in spec["keep_ratios"]:
+        sync()
+        t0 = time.perf_counter()
+        pre = kl.prefill(model, ids)
+        if r < 1:
+            kl.compress_cache(pre.cache, r, spec["policy"], spec["skip_layers"])
+        pre.last_logits.argmax(-1).item()
+        sync()
+        rows.append({"round": rnd, "keep_ratio": r, "ttft_s": time.perf_counter() - t0})
+print("COLD_JSON " + json.dumps({"import_s": t_import - t_start, "load_s": t_load - t_import, "rows": rows}))
+"""
+
+
+def cold_warm_ttft(input_ids: torch.Tensor, keep_ratios: Sequence[float] = (1.0, 0.25), rounds: int = 3,
+                   model_name: str | None = None, model_config: dict[str, Any] | None = None,
+                   device: str = "cpu", dtype: str = "float32", policy: str = "knorm",
+                   skip_layers: Sequence[int] = (0, 1), timeout_s: float = 600) -> dict[str, Any]:
+    """The TTFT trap, measured: in a *fresh* Python process, load the model and time
+    prefill + compression + first token for each keep_ratio in order, ``rounds`` times. Round 0's
+    first configuration (put the baseline first) is the process's first call: it pays lazy
+    initialisation, allocator and kernel warm-up. Returns the child's rows (round, keep_ratio,
+    ttft_s) and its import and load times. ``model_config`` builds a random-weight Llama instead."""
+    import subprocess
+    import sys
+
+    ratios = [_check_keep_ratio(r) for r in keep_ratios]
+    _positive_int("rounds", rounds)
+    if not ratios:
+        raise ValueError("keep_ratios: need at least one")
+    if model_config is not None and not isinstance(model_config, dict):
+        raise ValueError(f"model_config={model_config!r}: must be None or a dict of LlamaConfig fields")
+    ids = _check_ids(input_ids)
+    spec = {"input_ids": ids[0].tolist(), "keep_ratios": ratios, "rounds": rounds, "model_name": model_name,
+            "model_config": model_config, "device": device, "dtype": dtype, "policy": policy,
+            "skip_layers": list(skip_layers)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _COLD_CHILD], input=json.dumps(spec), capture_output=True,
+                          text=True, env=env, timeout=timeout_s)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("COLD_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"cold_warm_ttft: the fresh process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("COLD_JSON "):])
+
+
+PARAMETER_CHECKS.update({
+    "context_lens": lambda n, v: v is None or _check_list(n, v, lambda x: _positive_int(n, x)),
+    "cold_lens": lambda n, v: v is None or _check_list(n, v, lambda x: _positive_int(n, x)),
+    "model_config": lambda n, v: _require(v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+                                          n, v, "None (the model named by model_name) or a dict of LlamaConfig fields"),
+    "dtype": lambda n, v: _require(v is None or isinstance(getattr(torch, str(v), None), torch.dtype), n, v,
+                                   "None or a torch dtype name such as 'float32' or 'bfloat16'"),
+})

@@ -102,14 +102,28 @@ def test_rerotated_streaming_is_identity_without_eviction(tiny64, ids48):
     assert res.config.engine == "sequential"
 
 
-def test_h2o_runs_sequential_and_refuses_one_pass(tiny64, ids48):
-    """H2O's scores change with later queries: it needs the sequential engine, and says so."""
-    res = kl.streaming_ppl(tiny64, ids48, "h2o", keep_ratio=0.5)
-    assert res.config.engine == "sequential" and res.ppl > 0 and res.kl_mean > 0
-    with pytest.raises(ValueError, match="engine='one_pass'.*dynamic"):
-        kl.streaming_ppl(tiny64, ids48, "h2o", keep_ratio=0.5, engine="one_pass")
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["keep_ratio", "max_cache"])
+@pytest.mark.parametrize("skip_layers", [(), (0, 1)], ids=["skip-none", "skip-0-1"])
+def test_h2o_one_pass_equals_sequential(tiny64, ids48, schedule, skip_layers):
+    """H2O's scores change with later queries, yet replaying its steps inside each layer of one
+    forward takes the same eviction decisions as one forward per token."""
+    seq = kl.streaming_ppl(tiny64, ids48, "h2o", skip_layers=skip_layers, engine="sequential", **schedule)
+    one = kl.streaming_ppl(tiny64, ids48, "h2o", skip_layers=skip_layers, **schedule)
+    assert one.config.engine == "one_pass" and seq.config.engine == "sequential"
+    torch.testing.assert_close(one.nll, seq.nll, rtol=1e-8, atol=1e-8)
+    for layer in seq.evictions:
+        assert torch.equal(seq.evictions[layer], one.evictions[layer]), f"layer {layer}"
+    assert seq.kl_mean > 0
     with pytest.raises(ValueError, match="h2o"):
         kl.prefill_ppl(tiny64, ids48, 30, 0.5, policy="h2o")
+
+
+def test_h2o_differs_from_a_static_policy(tiny64, ids48):
+    """The replay really uses attention: H2O's evictions differ from sink+recent's and knorm's."""
+    h2o = kl.streaming_ppl(tiny64, ids48, "h2o", keep_ratio=0.5, skip_layers=())
+    for other in ("streaming", "knorm"):
+        res = kl.streaming_ppl(tiny64, ids48, other, keep_ratio=0.5, skip_layers=())
+        assert any(not torch.equal(h2o.evictions[i], res.evictions[i]) for i in h2o.evictions)
 
 
 def test_h2o_keeps_recent_window(tiny64, ids48):
