@@ -58,7 +58,7 @@ __all__ = [
     "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html", "norm_strip_html",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask", "streaming_ppl",
     "streaming_sweep", "full_logits",
-    "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "machine_info", "timed",
+    "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "keep_ratio_thresholds", "machine_info", "timed",
     "PasskeyPrompt", "passkey_key", "passkey_prompt", "span_metrics", "wilson_interval",
 ]
 
@@ -832,11 +832,14 @@ def _check_context_len(context_len: int, n_tokens: int) -> None:
 
 
 def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
-          progress: bool = False) -> list[EvalResult]:
+          progress: bool = False, reference_logits: torch.Tensor | None = None) -> list[EvalResult]:
     """Evaluate many configurations on one input with ONE prefill of the context.
 
     Compression after prefill only reads the prefill's cache, so compressing a fresh copy per
-    configuration is exact; scores are computed once per policy and reused across keep_ratios."""
+    configuration is exact; scores are computed once per policy and reused across keep_ratios.
+    ``reference_logits`` (the uncompressed continuation's logits, e.g. from an earlier sweep of the
+    same input) skips that forward: re-prefilling per configuration then costs exactly one prefill
+    and one continuation, which is how 04_quality_tradeoffs times the two paths."""
     input_ids = _check_ids(input_ids)
     _check_context_len(context_len, input_ids.shape[1])
     for cfg in configs:
@@ -844,7 +847,7 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     needs_hidden = any(cfg.policy in KVPRESS_POLICIES for cfg in configs)
     pre = prefill(model, input_ids[:, :context_len], capture_hidden=needs_hidden)
     new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
-    ref_logits = continuation_logits(model, pre.cache, new_ids)
+    ref_logits = reference_logits if reference_logits is not None else continuation_logits(model, pre.cache, new_ids)
     score_cache: dict[tuple, list] = {}
     results = []
     iterator: Iterable[EvalConfig] = configs
@@ -1218,7 +1221,10 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     if engine == "one_pass" and position_mode == "rerotated":
         raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
     cfg = StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink)
-    if engine == "one_pass":
+    nothing_evicted = bool((budget == torch.arange(1, n + 1)).all())
+    if nothing_evicted and reference_logits is not None and evict_override is None:
+        logits, evictions = reference_logits, {}   # the uncompressed model's forward, already computed
+    elif engine == "one_pass":
         logits, evictions = _stream_one_pass(model, ids, cfg, budget, evict_override)
     else:
         logits, evictions = _stream_sequential(model, ids, cfg, budget, progress)
@@ -1450,6 +1456,41 @@ def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch
         parts["correct"].append((pred == tgt.squeeze(-1)).cpu())
         parts["top1_agree"].append((pred == ref.argmax(-1)).cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def keep_ratio_thresholds(rows: Sequence[dict[str, Any]], by: Sequence[str], tolerances: Sequence[float] = (0.01, 0.05),
+                          metric: str = "ppl") -> Any:
+    """Per ``by`` group: the smallest keep_ratio whose ``metric`` stays within each tolerance of the
+    full cache (keep_ratio 1.0), where "within" means the mean over documents of
+    ``metric / metric at 1.0`` is at most ``1 + tolerance`` at that keep_ratio *and at every larger
+    one measured* (so a lucky dip below the line does not count). ``None`` where even the largest
+    compressed keep_ratio fails. Rows need ``document``, ``keep_ratio`` and ``metric``; each group
+    needs its own keep_ratio 1.0 rows."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    missing = {"document", "keep_ratio", metric, *by} - set(df.columns)
+    if missing:
+        raise ValueError(f"rows: missing column(s) {sorted(missing)}")
+    for tol in tolerances:
+        _require(isinstance(tol, numbers.Real) and tol >= 0, "tolerances", tolerances, "non-negative numbers")
+    out = []
+    for key, group in df.groupby(list(by), sort=False):
+        full = group[group.keep_ratio == 1.0].set_index("document")[metric]
+        if full.empty:
+            raise ValueError(f"rows: group {key} has no keep_ratio 1.0 rows to compare with")
+        rel = (group.assign(rel=group[metric] / group.document.map(full))
+               .groupby("keep_ratio").rel.mean().sort_index(ascending=False))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for tol in tolerances:
+            smallest = None
+            for keep_ratio, ratio in rel.items():
+                if ratio > 1 + tol:
+                    break
+                smallest = keep_ratio
+            row[f"within_{tol:g}"] = None if smallest == 1.0 else smallest
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -1841,6 +1882,28 @@ def op_profile(fn: Callable[[], Any], top: int = 10) -> list[dict[str, Any]]:
     return [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
              "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in events[:top]]
 
+
+
+@torch.inference_mode()
+def decode_profile(model: Any, cache: KVCache, first_token: torch.Tensor, n_steps: int = 3, top: int = 10,
+                   position_mode: PositionMode = "absolute") -> list[dict[str, Any]]:
+    """``op_profile`` of ``n_steps`` decode steps on ``cache`` (true positions under ``absolute``),
+    numbered as in ``timed_decode``. The copy into a ``DynamicCache`` happens before the profiled
+    region, so the profile holds only what every step pays."""
+    _positive_int("n_steps", n_steps)
+    cache, position = _numbered(cache, model, position_mode)
+    dyn = cache.to_transformers()
+    state = {"token": first_token.to(model.device).view(1, 1), "position": position}
+
+    def steps() -> None:
+        for _ in range(n_steps):
+            out = model(input_ids=state["token"], past_key_values=dyn, use_cache=True,
+                        position_ids=torch.tensor([[state["position"]]], device=model.device))
+            state["token"] = out.logits[:, -1].argmax(-1).view(1, 1)
+            state["position"] += 1
+        _sync(model.device)
+
+    return op_profile(steps, top)
 
 _COLD_CHILD = r"""
 import json, sys, time

@@ -82,3 +82,48 @@ def test_streaming_sweep_equals_separate_calls(tiny64, ids40):
         alone = kl.streaming_ppl(tiny64, ids40, **cfg)
         torch.testing.assert_close(res.nll, alone.nll)
         torch.testing.assert_close(res.kl, alone.kl)
+
+
+def _threshold_rows(values: dict[float, tuple[float, float]]) -> list[dict]:
+    return [{"variant": "v", "document": doc, "keep_ratio": r, "ppl": ppl[i]}
+            for r, ppl in values.items() for i, doc in enumerate(("a", "b"))]
+
+
+def test_keep_ratio_thresholds_need_every_larger_ratio_to_pass():
+    """1 %: 0.9 passes (+0.5 %), 0.5 fails (+3 %), so 0.25's lucky dip (+2 %) does not count for it;
+    5 %: everything down to 0.25 passes, 0.1 (+20 %) fails."""
+    rows = _threshold_rows({1.0: (10, 20), 0.9: (10.05, 20.1), 0.5: (10.3, 20.6), 0.25: (10.2, 20.4), 0.1: (12, 24)})
+    out = kl.keep_ratio_thresholds(rows, ["variant"], (0.01, 0.05))
+    assert out.to_dict("records") == [{"variant": "v", "within_0.01": 0.9, "within_0.05": 0.25}]
+    bad = _threshold_rows({1.0: (10, 20), 0.9: (11, 22), 0.5: (10, 20)})
+    assert kl.keep_ratio_thresholds(bad, ["variant"], (0.05,))["within_0.05"].isna().all()
+
+
+def test_keep_ratio_thresholds_bad_input():
+    with pytest.raises(ValueError, match="keep_ratio 1.0"):
+        kl.keep_ratio_thresholds(_threshold_rows({0.9: (1, 1)}), ["variant"])
+    with pytest.raises(ValueError, match="missing column"):
+        kl.keep_ratio_thresholds([{"variant": "v", "keep_ratio": 1.0, "ppl": 1}], ["variant"])
+    with pytest.raises(ValueError, match="tolerances"):
+        kl.keep_ratio_thresholds(_threshold_rows({1.0: (1, 1)}), ["variant"], (-0.1,))
+
+
+def test_sweep_with_given_reference_equals_sweep(tiny64, ids40):
+    """Passing the uncompressed continuation's logits (the re-prefill path) changes no metric."""
+    cfgs = [kl.EvalConfig(1.0), kl.EvalConfig(0.5, "knorm", ()), kl.EvalConfig(0.25, "random", (0,))]
+    base = kl.sweep(tiny64, ids40, 24, cfgs)
+    ref = kl.continuation_logits(tiny64, kl.prefill(tiny64, ids40[:, :24]).cache, ids40[:, 24:-1])
+    again = [kl.sweep(tiny64, ids40, 24, [c], reference_logits=ref)[0] for c in cfgs]
+    for a, b in zip(base, again):
+        torch.testing.assert_close(a.nll, b.nll, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.kl, b.kl, rtol=0, atol=1e-12)
+    assert base[1].kl_mean > 0
+
+
+def test_streaming_full_budget_reuses_the_reference(tiny64, ids40):
+    """keep_ratio 1.0 with a reference given: no forward, and the same numbers as running it."""
+    ref = kl.full_logits(tiny64, ids40)
+    shortcut = kl.streaming_ppl(tiny64, ids40, "knorm", keep_ratio=1.0, skip_layers=(), reference_logits=ref)
+    ran = kl.streaming_ppl(tiny64, ids40, "knorm", keep_ratio=1.0, skip_layers=())
+    torch.testing.assert_close(shortcut.nll, ran.nll, rtol=1e-10, atol=1e-10)
+    assert shortcut.evictions == {} and shortcut.kl_mean == 0

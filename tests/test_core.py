@@ -682,3 +682,141 @@ def test_write_json_atomic_never_exposes_a_partial_file(tmp_path, monkeypatch):
     kl.write_json_atomic(path, {"new": [1, 2, 3]})
     assert seen == [path]
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_span_metrics_reads_exactly_the_spans_tokens(tiny32):
+    """span_metrics: input position p is scored token p - context_len - 1 of a sweep result, so a
+    span's verdict is the argmax check at exactly those positions (the passkey's digits)."""
+    ids = random_ids(N_TOKENS, seed=3)
+    res = kl.sweep(tiny32, ids, CONTEXT, [kl.EvalConfig(1.0)])[0]
+    logits = tiny32(ids).logits[0]
+    start, end = CONTEXT + 5, CONTEXT + 9
+    want = logits[start - 1:end - 1].argmax(-1) == ids[0, start:end]
+    m = kl.span_metrics(res, start, end)
+    assert m["correct"] == bool(want.all()) and m["n_tokens"] == 4
+    assert m["token_acc"] == pytest.approx(want.float().mean().item())
+    nll = F.cross_entropy(logits[start - 1:end - 1].double(), ids[0, start:end], reduction="sum").item()
+    assert m["nll"] == pytest.approx(nll, rel=1e-4)
+    assert kl.span_metrics(res, N_TOKENS - 3)["n_tokens"] == 3  # end=None: to the last token
+    # force a span the model gets right: replace the targets by the model's own argmax
+    forced = ids.clone()
+    for p in range(CONTEXT + 1, N_TOKENS):
+        forced[0, p] = tiny32(forced[:, :p]).logits[0, -1].argmax()
+    assert kl.span_metrics(kl.sweep(tiny32, forced, CONTEXT, [kl.EvalConfig(1.0)])[0], CONTEXT + 1)["correct"]
+    for bad in (CONTEXT, N_TOKENS):  # not scored: predicted by the prefill, or past the end
+        with pytest.raises(ValueError, match="start"):
+            kl.span_metrics(res, bad)
+    with pytest.raises(ValueError, match="end"):
+        kl.span_metrics(res, start, start)
+
+
+def test_wilson_interval():
+    """Wilson 95 % interval: inside [0, 1], contains the rate, known values, bad input refused."""
+    lo, hi = kl.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert kl.wilson_interval(0, 5)[0] == 0.0 and kl.wilson_interval(5, 5)[1] == 1.0
+    assert kl.wilson_interval(5, 5)[0] > 0.5
+    with pytest.raises(ValueError, match="successes"):
+        kl.wilson_interval(6, 5)
+    with pytest.raises(ValueError, match="n="):
+        kl.wilson_interval(0, 0)
+
+
+# ---- section 7: the speed study's measuring tools (06_speed_tradeoffs) ----
+
+def test_weight_bytes_counts_tied_weights_once():
+    """Decode streams every weight once per step: a tied embedding / lm_head is one tensor."""
+    tied = kl.random_llama(seed=0, tie_word_embeddings=True)
+    untied = kl.random_llama(seed=0, tie_word_embeddings=False)
+    assert kl.weight_bytes(untied) == sum(p.numel() * 4 for p in untied.parameters())
+    embed = tied.config.vocab_size * tied.config.hidden_size * 4
+    assert kl.weight_bytes(tied) == kl.weight_bytes(untied) - embed
+    assert kl.weight_bytes(kl.random_llama(seed=0, dtype=torch.bfloat16)) * 2 == kl.weight_bytes(untied)
+
+
+def test_peak_memory_sees_an_allocation():
+    """A 64 MB tensor created (and kept) inside ``fn`` raises the peak by at least that much."""
+    assert kl.rss_bytes() > 0
+    out, mem = kl.peak_memory(lambda: torch.ones(16 * 2**20))
+    assert out.numel() == 16 * 2**20 and mem["kind"] == "rss"
+    assert mem["increase_bytes"] >= 0.9 * 64 * 2**20
+    assert mem["peak_bytes"] == mem["baseline_bytes"] + mem["increase_bytes"]
+    with pytest.raises(ValueError, match="interval_s"):
+        kl.peak_memory(lambda: None, interval_s=0)
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_timed_decode_equals_generate_greedy(keep_ratio, tiny32, ids):
+    """The timed decode loop generates exactly what generate_greedy does (true positions for new
+    tokens on the compressed cache), leaves the cache untouched, and reports one time per step."""
+    pre = kl.prefill(tiny32, ids[:, :CONTEXT])
+    cache = kl.compress_cache(pre.cache, keep_ratio)
+    lengths = cache.lengths()
+    out = kl.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 6, warmup=2)
+    ref = kl.generate_greedy(tiny32, ids[:, :CONTEXT], 9, keep_ratio=keep_ratio, pre=pre)
+    assert out["tokens"] == ref[1:].tolist()
+    assert cache.lengths() == lengths
+    assert len(out["step_s"]) == 6 and len(out["warmup_step_s"]) == 2 and all(t > 0 for t in out["step_s"])
+    assert out["min_s"] <= out["q25_s"] <= out["median_s"] <= out["q75_s"] <= out["max_s"]
+    wrong = kl.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 6, warmup=2, position_mode="cache_relative")
+    if keep_ratio < 1:  # numbering from the compressed length is the bug: different tokens
+        assert wrong["tokens"] != out["tokens"]
+    with pytest.raises(ValueError, match="n_tokens"):
+        kl.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 0)
+    with pytest.raises(ValueError, match="warmup"):
+        kl.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 2, warmup=-1)
+
+
+def test_time_ttft_pieces_add_up(tiny32, ids):
+    """TTFT of a configuration = its repeat's prefill + that cache's compression; keep 1.0 is no
+    compression; the returned prefill is the uncompressed cache."""
+    t, pre = kl.time_ttft(tiny32, ids[:, :CONTEXT], [1.0, 0.5], ["knorm", "streaming"], repeats=3, warmup=1)
+    assert t["n_tokens"] == CONTEXT and len(t["prefill_s"]) == 3
+    assert set(t["ttft_s"]) == {"knorm@1.0", "knorm@0.5", "streaming@1.0", "streaming@0.5"}
+    assert t["compress_s"]["knorm@1.0"] == [0.0] * 3
+    for key, times in t["ttft_s"].items():
+        assert times == [p + c for p, c in zip(t["prefill_s"], t["compress_s"][key])]
+    assert all(c > 0 for c in t["compress_s"]["knorm@0.5"])
+    assert t["prefill_peak_memory"]["increase_bytes"] >= 0
+    assert pre.cache.lengths() == [CONTEXT] * N_LAYERS
+    with pytest.raises(ValueError, match="repeats"):
+        kl.time_ttft(tiny32, ids, [1.0], repeats=0)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        kl.time_ttft(tiny32, ids, [1.5])
+    with pytest.raises(ValueError, match="policy"):
+        kl.time_ttft(tiny32, ids, [0.5], ["nope"])
+
+
+def test_machine_rates_and_profile(tiny32, ids):
+    """Bandwidth and matmul probes return positive rates over the bytes/FLOPs they moved; the
+    operator profile of a decode names the matrix products."""
+    bw = kl.memory_bandwidth(8 * 2**20, repeats=2)
+    assert bw["n_bytes"] == 8 * 2**20
+    assert all(bw[f"{k}_bytes_per_s"] > 0 and len(bw[f"{k}_s"]) == 2 for k in ("read", "copy", "gemv"))
+    mm = kl.matmul_rate(64, repeats=2)
+    assert mm["flop_per_s"] > 0 and len(mm["times_s"]) == 2
+    for fn, arg in [(kl.memory_bandwidth, "n_bytes"), (kl.matmul_rate, "n")]:
+        with pytest.raises(ValueError, match=arg):
+            fn(0)
+    pre = kl.prefill(tiny32, ids[:, :CONTEXT])
+    ops = kl.op_profile(lambda: kl.timed_decode(tiny32, pre.cache, pre.last_logits.argmax(-1), 2, warmup=0), top=25)
+    assert 0 < len(ops) <= 25 and any(o["op"] in ("aten::mm", "aten::addmm", "aten::linear") for o in ops)
+    assert all(o["calls"] >= 1 and o["self_cpu_s"] >= 0 for o in ops)
+    steps = {o["op"]: o for o in kl.decode_profile(tiny32, pre.cache, pre.last_logits.argmax(-1), n_steps=2, top=50)}
+    # two steps: each layer appends one key and one value, and the cache copy is outside the profile
+    assert steps["aten::cat"]["calls"] >= 2 * 2 * N_LAYERS
+    assert pre.cache.lengths() == [CONTEXT] * N_LAYERS
+    with pytest.raises(ValueError, match="n_steps"):
+        kl.decode_profile(tiny32, pre.cache, pre.last_logits.argmax(-1), n_steps=0)
+
+
+def test_cold_warm_ttft_runs_in_a_fresh_process(ids):
+    """The child process times the configurations in the given order (baseline first), every round."""
+    out = kl.cold_warm_ttft(ids[:, :16], keep_ratios=(1.0, 0.5), rounds=2, model_config={"num_hidden_layers": 2},
+                            skip_layers=(0,))
+    assert [(r["round"], r["keep_ratio"]) for r in out["rows"]] == [(0, 1.0), (0, 0.5), (1, 1.0), (1, 0.5)]
+    assert all(r["ttft_s"] > 0 for r in out["rows"]) and out["import_s"] > 0 and out["load_s"] > 0
+    with pytest.raises(ValueError, match="model_config"):
+        kl.cold_warm_ttft(ids, model_config=[("hidden_size", 8)])
+    with pytest.raises(ValueError, match="rounds"):
+        kl.cold_warm_ttft(ids, rounds=0)

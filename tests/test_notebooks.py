@@ -117,3 +117,95 @@ def test_03_recorded_numbers(executed):
     assert stream["order_max_rel_diff_rerotated"] > 1e-3
     engines = {(r["position_mode"], r["engine"]) for r in res["results"]["streaming_rows"]}
     assert ("absolute", "one_pass") in engines and ("rerotated", "sequential") in engines
+
+
+def test_04_recorded_numbers(executed):
+    """Quality sweep: every configuration present in both protocols, the full cache exact, the sweep
+    identical to re-prefilling, thresholds drawn from the measured keep_ratios."""
+    res = _results("04_quality_tradeoffs")
+    r, p = res["results"], res["parameters"]
+    ratios = p["keep_ratios"]
+    rows = r["rows"]
+    assert res["profile"] == "quick" and len(r["prefill_documents"]) == 2 and len(r["stream_documents"]) == 2
+    prefill_variants = {"knorm (all layers)", *p["policies"]}
+    stream_variants = {"knorm (all layers)", *p["streaming_policies"]}
+    for proto, variants, docs in (("prefill", prefill_variants, r["prefill_documents"]),
+                                  ("streaming", stream_variants, r["stream_documents"])):
+        sub = [x for x in rows if x["protocol"] == proto]
+        assert len(sub) == len(docs) * (1 + len(variants) * (len(ratios) - 1))
+        assert {x["variant"] for x in sub} == variants | {"full cache"}
+        assert all(_finite(x["ppl"]) and x["ppl"] > 1 and x["kl"] >= 0 and 0 <= x["top1_agree"] <= 1 for x in sub)
+        full = [x for x in sub if x["variant"] == "full cache"]
+        assert all(x["kl"] == 0 and x["top1_agree"] == 1 for x in full)
+        for doc in docs:  # knorm beats the high-norm ablation by a wide margin at half the cache and below
+            for keep in (0.5, 0.25):
+                ppl = {x["variant"]: x["ppl"] for x in sub if x["document"] == doc["title"] and x["keep_ratio"] == keep}
+                assert ppl["knorm"] < ppl["high_norm"]
+    assert {x["engine"] for x in rows if x["protocol"] == "streaming" and x["variant"] == "h2o"} == {"one_pass"}
+    speed = r["sweep_speed"]
+    assert speed["max_abs_nll_diff"] <= 1e-6 and speed["max_abs_kl_diff"] <= 1e-6
+    assert speed["sweep_s"] > 0 and speed["reprefill_s"] > 0 and speed["speedup"] > 0
+    n, c, t = speed["n_configs"], p["sizes"]["context_len"], p["sizes"]["continuation_len"]
+    assert speed["token_ceiling"] == pytest.approx((n + 1) * (c + t) / (c + (n + 1) * t))
+    th = r["thresholds"]
+    assert {(x["protocol"], x["variant"]) for x in th} == \
+        {("prefill", v) for v in prefill_variants} | {("streaming", v) for v in stream_variants}
+    for x in th:
+        for key in ("within_0.01", "within_0.05"):
+            assert x[key] is None or x[key] in ratios and x[key] < 1.0
+        assert x["within_0.01"] is None or (x["within_0.05"] is not None and x["within_0.05"] <= x["within_0.01"])
+    for fig in ("ppl_vs_keep_ratio", "kl_heatstrip", "accuracy_agreement"):
+        assert (ROOT / "build" / "figures" / "quick" / "04_quality_tradeoffs" / f"{fig}.png").exists()
+
+
+def test_06_recorded_numbers(executed):
+    """Speed study: exact KV bytes that shrink with keep_ratio, TTFT built from its timed pieces,
+    true decode timings, the bandwidth model's inputs, and the cold/warm runs in baseline-first order.
+    Nothing here asserts a speed (the machine is shared); only invariants and structure."""
+    res = _results("06_speed_tradeoffs")
+    r, sizes, p = res["results"], res["parameters"]["sizes"], res["parameters"]
+    s = r["summary"]
+    assert res["profile"] == "quick" and sizes["context_lens"] == [256, 512] and sizes["headline_len"] == 512
+    ratios = sorted(p["keep_ratios"])
+    assert s["weight_bytes"] == 4 * s["n_params"] and s["kv_bytes_per_token_per_layer"] == 2 * 3 * 64 * 4
+    assert s["bandwidth_bytes_per_s"] > 0 and s["matmul_flop_per_s"] > 0 and s["step_overhead_s"] > 0
+    dec = r["decode"]
+    for d in dec:
+        assert d["kv_bytes"] == d["kv_bytes_formula"] > 0
+        assert len(d["step_s"]) == sizes["n_decode_tokens"] and all(t > 0 for t in d["step_s"])
+        assert 0 < d["tpot_min_s"] <= d["tpot_q25_s"] <= d["tpot_median_s"] <= d["tpot_q75_s"] <= d["tpot_max_s"]
+        assert d["decode_tokens_per_s"] == pytest.approx(1 / d["tpot_median_s"])
+        assert d["predicted_tpot_s"] == pytest.approx((s["weight_bytes"] + d["kv_bytes"]) / s["bandwidth_bytes_per_s"])
+        assert d["measured_over_model"] == pytest.approx(d["tpot_median_s"] / d["predicted_tpot_s"])
+    for n in sizes["context_lens"]:
+        kn = sorted((d for d in dec if d["context"] == n and d["policy"] == "knorm"), key=lambda d: d["keep_ratio"])
+        assert [d["keep_ratio"] for d in kn] == ratios
+        assert all(a["kv_bytes"] < b["kv_bytes"] for a, b in zip(kn, kn[1:]))  # fewer kept tokens, fewer bytes
+        assert kn[-1]["kv_bytes"] == 30 * s["kv_bytes_per_token_per_layer"] * n  # keep 1.0: the whole cache
+        # the first decode step copies the kept cache into a DynamicCache: memory grows by at least half of it
+        assert kn[-1]["decode_peak_increase_MB"] * 1e6 >= 0.5 * kn[-1]["kv_bytes"]
+    stream = [d for d in dec if d["policy"] == "streaming"]
+    assert stream and all(d["context"] == sizes["headline_len"] for d in stream)
+    for d in stream:  # same budget, same bytes
+        twin = next(k for k in dec if k["policy"] == "knorm" and k["context"] == d["context"] and k["keep_ratio"] == d["keep_ratio"])
+        assert d["kv_bytes"] == twin["kv_bytes"]
+    prefill = {x["context"]: x for x in r["prefill"]}
+    assert set(prefill) == set(sizes["context_lens"])
+    for row in r["ttft"]:
+        pre = prefill[row["context"]]["prefill_s"]
+        assert len(row["ttft_s"]) == len(pre) == sizes["n_repeats"]
+        assert row["ttft_s"] == pytest.approx([a + b for a, b in zip(pre, row["compress_s"])])
+        assert (row["compress_median_s"] == 0) == (row["keep_ratio"] == 1.0)
+        assert 0 <= row["compress_share_of_ttft"] < 1
+    cold = r["cold_warm"]
+    assert len(cold) == len(sizes["cold_lens"]) * sizes["n_cold_processes"] * 2 * 3
+    firsts = [c for c in cold if c["round"] == 0]
+    assert [c["keep_ratio"] for c in firsts][::2] == [1.0] * (len(firsts) // 2)  # the baseline runs first
+    assert all(c["ttft_s"] > 0 and c["load_s"] > 0 for c in cold)
+    for t in r["trap"]:
+        assert t["fake_change"] == pytest.approx(t["compressed_after_cold_s"] / t["cold_baseline_s"] - 1)
+        assert t["cold_over_warm"] == pytest.approx(t["cold_baseline_s"] / t["warm_baseline_s"])
+    assert s["trap_cold_over_warm_median"] > 0 and -1 < s["trap_fake_change_median"] and -1 < s["trap_warm_change_median"]
+    assert isinstance(s["meets_1p3_bar"], bool) and s["profile_ops"]
+    for name in ("tpot_bandwidth_model", "ttft_kv_memory", "ttft_trap"):
+        assert (ROOT / "build" / "figures" / "quick" / "06_speed_tradeoffs" / f"{name}.png").exists()

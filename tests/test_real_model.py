@@ -100,3 +100,41 @@ def test_encode_with_real_tokenizer(real_model):
     for text in ("", "  \n"):
         with pytest.raises(ValueError, match="text"):
             kl.encode(tokenizer, text)
+
+
+def test_passkey_prompt_layout(real_model):
+    """passkey_prompt: the context is exactly context_tokens long and holds the key line at the
+    requested depth; the question follows; input_ids[:, key_start:] are the key's digits; the key
+    is a deterministic function of (seed, context, depth); bad arguments are refused by name."""
+    _, tokenizer = real_model
+    spots = []
+    for depth in (0.0, 0.5, 1.0):
+        key = kl.passkey_key(0, 300, depth)
+        assert key == kl.passkey_key(0, 300, depth) and len(key) == 5 and key.isdigit()
+        p = kl.passkey_prompt(tokenizer, 300, depth, key)
+        assert p.context_len == 300 and p.key_start > p.context_len
+        assert tokenizer.decode(p.key_ids) == key
+        context = tokenizer.decode(p.input_ids[0, :p.context_len])
+        assert context.count(f"The pass key is {key}.") == 1 and context.startswith("<|im_start|>")
+        assert tokenizer.decode(p.input_ids[0, p.key_position:]).startswith(f" The pass key is {key}.")
+        assert tokenizer.decode(p.prompt_ids[0, p.context_len:]).endswith("assistant\nThe pass key is ")
+        spots.append(p.key_position)
+    assert spots[0] < spots[1] < spots[2]
+    line = f" The pass key is {key}. Remember it. {key} is the pass key."
+    assert tokenizer.decode(p.input_ids[0, spots[2]:p.context_len]) == line  # depth 1.0: it ends the filler
+    assert kl.passkey_key(1, 300, 0.5) != kl.passkey_key(0, 300, 0.5)
+    for kwargs, name in [(dict(depth=1.5, key="12345"), "depth"), (dict(depth=0.5, key="12a45"), "key"),
+                         (dict(depth=0.5, key="12345", context_tokens=40), "context_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            kl.passkey_prompt(tokenizer, **{"context_tokens": 300, **kwargs})
+
+
+def test_passkey_teacher_forced_verdict_equals_greedy_generation(real_model):
+    """Uncompressed, the one-forward verdict (argmax right at every key digit) is what real greedy
+    decoding of the prompt does: it reproduces the key (SmolLM2 retrieves at a few hundred tokens)."""
+    model, tokenizer = real_model
+    p = kl.passkey_prompt(tokenizer, 400, 0.5, kl.passkey_key(0, 400, 0.5))
+    res = kl.sweep(model, p.input_ids, p.context_len, [kl.EvalConfig(1.0)])[0]
+    generated = kl.generate_greedy(model, p.prompt_ids, len(p.key_ids))
+    assert kl.span_metrics(res, p.key_start)["correct"]
+    assert torch.equal(generated, p.key_ids)
