@@ -11,7 +11,9 @@ The one module the study's notebooks import. Sections, in reading order:
    5c attention ``attention_received``, ``attention_mass_lost``
    5d explorer  ``Explorer`` (what 00_explore's sliders call)
 6. metrics      ``token_metrics``, ``generation_agreement``, ``wilson_interval``, ``aggregate``
-7. timing       ``machine_info``, ``timed``; notebook parameters and atomic result files
+7. timing       ``machine_info``, ``timed``; notebook parameters and atomic result files; the speed
+                study's probes (``timed_decode``, ``time_ttft``, ``peak_memory``, ``memory_bandwidth``,
+                ``cold_warm_ttft``)
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
 
@@ -59,6 +61,8 @@ __all__ = [
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask", "streaming_ppl",
     "streaming_sweep", "full_logits",
     "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "keep_ratio_thresholds", "machine_info", "timed",
+    "weight_bytes", "rss_bytes", "peak_memory", "timed_decode", "time_ttft", "memory_bandwidth", "matmul_rate",
+    "op_profile", "decode_profile", "cold_warm_ttft",
     "PasskeyPrompt", "passkey_key", "passkey_prompt", "span_metrics", "wilson_interval",
 ]
 
@@ -402,7 +406,7 @@ class LayerKV:
     module: torch.nn.Module | None = None
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    attention_mass: torch.Tensor | None = None  # dynamic policies (streaming, sequential engine)
+    attention_mass: torch.Tensor | None = None  # dynamic policies (h2o), streaming protocol only
     budget: int | None = None                   # tokens to keep at this step (streaming)
 
 
@@ -1883,7 +1887,6 @@ def op_profile(fn: Callable[[], Any], top: int = 10) -> list[dict[str, Any]]:
              "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in events[:top]]
 
 
-
 @torch.inference_mode()
 def decode_profile(model: Any, cache: KVCache, first_token: torch.Tensor, n_steps: int = 3, top: int = 10,
                    position_mode: PositionMode = "absolute") -> list[dict[str, Any]]:
@@ -1904,6 +1907,7 @@ def decode_profile(model: Any, cache: KVCache, first_token: torch.Tensor, n_step
         _sync(model.device)
 
     return op_profile(steps, top)
+
 
 _COLD_CHILD = r"""
 import json, sys, time
