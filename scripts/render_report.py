@@ -20,6 +20,12 @@ def load(notebook: str, profile: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def figure_dir(res: dict) -> str:
+    """Where the notebook saved its figures: ``figures/`` for the full profile, else under build/."""
+    nb = res["notebook"]
+    return f"figures/{nb}" if res["profile"] == "full" else f"build/figures/{res['profile']}/{nb}"
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -176,7 +182,7 @@ def section_streaming(res: dict) -> tuple[str, str]:
 def section_04(res: dict) -> tuple[str, str]:
     r, p = res["results"], res["parameters"]
     sizes = p["sizes"]
-    fig_dir = "figures/04_quality_tradeoffs" if res["profile"] == "full" else f"build/figures/{res['profile']}/04_quality_tradeoffs"
+    fig_dir = figure_dir(res)
     pooled = r["pooled"]
     ratios = sorted({x["keep_ratio"] for x in pooled}, reverse=True)
     tables = {}
@@ -215,8 +221,8 @@ keep_ratio must pass too; "—": even the largest compressed keep_ratio fails):
 
 {th}
 
-**One prefill, many configurations:** {sp['n_configs']} configurations in {sp['sweep_s']:.1f} s against
-{sp['reprefill_s']:.1f} s re-prefilling each: **{sp['speedup']:.2f}×** (forward-token ceiling {sp['token_ceiling']:.2f}×;
+**One prefill, many configurations:** the full cache and all {sp['n_configs']} compressed configurations of
+{sp['document']} in {sp['sweep_s']:.1f} s against {sp['reprefill_s']:.1f} s re-prefilling each: **{sp['speedup']:.2f}×** (forward-token ceiling {sp['token_ceiling']:.2f}×;
 largest NLL difference {sp['max_abs_nll_diff']:.1e}).
 
 ![PPL against keep_ratio]({fig_dir}/ppl_vs_keep_ratio.png)
@@ -234,7 +240,7 @@ def section_06(res: dict) -> tuple[str, str]:
     s = r["summary"]
     sizes = res["parameters"]["sizes"]
     H = sizes["headline_len"]
-    fig_dir = "figures/06_speed_tradeoffs" if res["profile"] == "full" else f"build/figures/{res['profile']}/06_speed_tradeoffs"
+    fig_dir = figure_dir(res)
     kn = [d for d in r["decode"] if d["policy"] == "knorm"]
     tt = {(x["context"], x["policy"], x["keep_ratio"]): x for x in r["ttft"]}
     ratios = sorted({d["keep_ratio"] for d in kn}, reverse=True)
@@ -333,6 +339,7 @@ def section_05(res: dict) -> tuple[str, str]:
                       [[pol] + [f"{gget(pol, kr)['matching_prefix']:.1f}" for kr in gratios]
                        + [f"{gget(pol, kr)['token_agreement']:.0%}" for kr in gratios] for pol in pols])
     full = ", ".join(f"{a:.0%} at {c}" for c, a in s["uncompressed_accuracy_by_context"].items())
+    fig_dir = figure_dir(res)
     per_ctx = ", ".join(f"{c} tokens: {n}" for c, n in s["samples_per_context"].items())
     body = f"""## 05 · Passkey retrieval and generation under compression
 
@@ -355,9 +362,9 @@ Greedy generation on {sizes['n_gen_prompts']} wiki prompts of {sizes['gen_prompt
 
 {gtable}
 
-![heatmaps](figures/05_passkey_retrieval/passkey_heatmaps.png)
-![accuracy](figures/05_passkey_retrieval/accuracy_vs_keep_ratio.png)
-![generation](figures/05_passkey_retrieval/generation_agreement.png)
+![heatmaps]({fig_dir}/passkey_heatmaps.png)
+![accuracy]({fig_dir}/accuracy_vs_keep_ratio.png)
+![generation]({fig_dir}/generation_agreement.png)
 """
     r_min = min(ratios)
     testable = [int(c) for c, a in s["uncompressed_accuracy_by_context"].items() if a >= 0.8]
@@ -379,7 +386,8 @@ def section_benchmarks() -> str:
 
 
 SECTIONS = {"00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
-            "03_position_order_ppl": section_03, "04_quality_tradeoffs": section_04, "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
+            "03_position_order_ppl": section_03, "04_quality_tradeoffs": section_04,
+            "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
 
 
 def write_atomic(path: Path, text: str) -> None:
