@@ -272,6 +272,7 @@ def section_06(res: dict) -> tuple[str, str]:
     ops = ", ".join(f"{o['op']} {o['share_of_wall']:.0%}" for o in s["profile_ops"][:4])
     bar = ", ".join(f"{k} {v:.2f}×" for k, v in s["measured_over_model_long"].items())
     adj = ", ".join(f"{k} {v:.2f}×" for k, v in s["measured_over_adjusted_model_long"].items())
+    gemv = ", ".join(f"{k} {v:.2f}×" for k, v in s.get("measured_over_gemv_model_long", {}).items())
     body = f"""## 06 · Speed and memory trade-offs
 
 {s['model_label']}; {r['document']}. TTFT = prefill (+ first token) + compression, {sizes['n_repeats']} timed repeats after a
@@ -293,7 +294,8 @@ matrix-vector {probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s, matmul {s['matmul_flo
 {s['weight_bytes'] / 1e6:.0f} MB. Predicted TPOT = (weights + kept KV) / {s['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; measured/model at the longest
 contexts: {bar} (bar 1.3×: {"met" if s['meets_1p3_bar'] else "not met"}). What the model leaves out: a fixed
 {s['step_overhead_s'] * 1e3:.1f} ms per step (Python and operator dispatch, measured on the same layer stack at tiny widths) and
-`DynamicCache`'s `torch.cat`, which copies the whole cache every step; with both, measured/model is {adj}. Operator
+`DynamicCache`'s `torch.cat`, which copies the whole cache every step; with both, measured/model is {adj}; with the
+weights streamed at the matrix-vector rate ({probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s) as well, {gemv}. Operator
 profile of a decode step at {s['profile_context']} tokens: {ops} of the wall time. Fit over all configurations: TPOT =
 {s['tpot_fit']['intercept_s'] * 1e3:.1f} ms + {s['tpot_fit']['kv_bytes_moved_per_kv_byte']:.1f} × kept KV bytes / bandwidth (the intercept is
 {s['tpot_fit']['intercept_over_weight_time']:.2f}× the weight-streaming time).

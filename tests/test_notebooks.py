@@ -169,6 +169,10 @@ def test_06_recorded_numbers(executed):
     ratios = sorted(p["keep_ratios"])
     assert s["weight_bytes"] == 4 * s["n_params"] and s["kv_bytes_per_token_per_layer"] == 2 * 3 * 64 * 4
     assert s["bandwidth_bytes_per_s"] > 0 and s["matmul_flop_per_s"] > 0 and s["step_overhead_s"] > 0
+    assert set(s["measured_over_gemv_model_long"]) == set(s["measured_over_adjusted_model_long"]) != set()
+    # the matrix-vector rate is at most the best streaming rate, so that model predicts longer steps
+    assert all(s["measured_over_gemv_model_long"][k] <= s["measured_over_adjusted_model_long"][k] + 1e-12
+               for k in s["measured_over_gemv_model_long"])
     dec = r["decode"]
     for d in dec:
         assert d["kv_bytes"] == d["kv_bytes_formula"] > 0
