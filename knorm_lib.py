@@ -934,12 +934,18 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     out_tokens = [token]
     dyn = cache.to_transformers()
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
-                    position_ids=torch.tensor([[position]], device=model.device))
+        token = _greedy_step(model, dyn, token, position)
         position += 1
-        token = out.logits[:, -1].argmax(-1).view(1, 1)
         out_tokens.append(token)
     return torch.cat(out_tokens, dim=1)[0].cpu()
+
+
+def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int) -> torch.Tensor:
+    """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
+    (extended in place); return the greedy next token (1, 1)."""
+    out = model(input_ids=token, past_key_values=dyn, use_cache=True,
+                position_ids=torch.tensor([[position]], device=model.device))
+    return out.logits[:, -1].argmax(-1).view(1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1781,9 +1787,7 @@ def timed_decode(model: Any, cache: KVCache, first_token: torch.Tensor, n_tokens
     for _ in range(warmup + n_tokens):
         _sync(model.device)
         t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
-                    position_ids=torch.tensor([[position]], device=model.device))
-        token = out.logits[:, -1].argmax(-1).view(1, 1)
+        token = _greedy_step(model, dyn, token, position)
         _sync(model.device)
         times.append(time.perf_counter() - t0)
         tokens.append(token)
@@ -1900,9 +1904,7 @@ def decode_profile(model: Any, cache: KVCache, first_token: torch.Tensor, n_step
 
     def steps() -> None:
         for _ in range(n_steps):
-            out = model(input_ids=state["token"], past_key_values=dyn, use_cache=True,
-                        position_ids=torch.tensor([[state["position"]]], device=model.device))
-            state["token"] = out.logits[:, -1].argmax(-1).view(1, 1)
+            state["token"] = _greedy_step(model, dyn, state["token"], state["position"])
             state["position"] += 1
         _sync(model.device)
 
