@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNEL := knorm-study
 PROFILE ?= full
 
-.PHONY: setup data browser test report lab bench clean-results
+.PHONY: setup data browser test report lab bench compare clean-results
 
 setup: $(STAMP)
 
@@ -39,8 +39,14 @@ report: data
 lab: data
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Benchmarks record their JSON lines in the committed data/results/benchmarks/ (ad-hoc runs of a
+# script write under build/results/ instead).
 bench: data
-	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do KNORM_RESULTS_DIR=data/results $(PY) $$b || exit 1; done
+
+# Compare data/results with the committed (HEAD) results, field by field.
+compare:
+	$(PY) scripts/compare_results.py --profile $(PROFILE)
 
 clean-results:
 	rm -rf build/

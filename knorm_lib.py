@@ -44,6 +44,7 @@ import math
 import numbers
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +71,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("KNORM_DATA_DIR", PROJECT_ROOT / "data"))
 DEFAULT_MODEL_DIR = DATA_DIR / "models" / "SmolLM2-135M-Instruct"
 CORPUS_DIR = DATA_DIR / "corpora"
-RESULTS_DIR = Path(os.environ.get("KNORM_RESULTS_DIR", DATA_DIR / "results"))
+# Where notebooks record results and figures. Only `make report` writes the committed ones
+# (data/results/, figures/): it sets these variables. Any other run writes under build/.
+RESULTS_DIR = Path(os.environ.get("KNORM_RESULTS_DIR", PROJECT_ROOT / "build" / "results"))
+FIGURES_DIR: Path | None = Path(os.environ["KNORM_FIGURES_DIR"]) if os.environ.get("KNORM_FIGURES_DIR") else None
 ATTN_IMPLEMENTATION = "knorm_study"
 
 PositionMode = Literal["absolute", "cache_relative", "rerotated"]
@@ -131,8 +135,24 @@ def _register_attention() -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    # Hugging Face ids look like "org/name"; anything else with a slash, a dot or a tilde is a path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    # Hugging Face ids look like "org/name"; anything else with a slash, a dot or a tilde is a path,
+    # and so is "dir/name" when "dir" is a local directory.
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False when offline (``HF_HUB_OFFLINE``) or the hub does not answer within ``timeout_s``:
+    then a missing model fails at once instead of after the hub client's minute of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
@@ -167,11 +187,20 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
                                   trust_remote_code=False, use_safetensors=True)
     if device == "auto":
         kwargs["device_map"] = "auto"
+    def load(local_only: bool) -> tuple[Any, Any]:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs), tok
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, tokenizer = load(local_only=True)   # a local directory or the Hugging Face cache
     except OSError as err:
-        raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it offline or from the hub ({err})") from err
+        if name is None or _looks_like_path(str(name)) or not _hub_reachable():
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): not a local model directory and not in the "
+                                    f"Hugging Face cache, and the hub is not reachable ({err})") from err
+        try:
+            model, tokenizer = load(local_only=False)
+        except OSError as err2:
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it from the hub ({err2})") from err2
     if device != "auto":
         model.to(device)
     model.eval()
@@ -220,15 +249,50 @@ class Document:
 CORPORA: tuple[str, ...] = ("wiki", "news")
 
 
-def load_corpus(name: Literal["wiki", "news"] = "wiki") -> list[Document]:
-    """Documents of a corpus written by ``make data`` (``data/corpora/<name>.jsonl``)."""
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_VERIFIED_CORPORA: set[Path] = set()   # checked against the manifest once per process
+
+
+def verified_corpus_path(name: str) -> Path:
+    """``data/corpora/<name>.jsonl`` after checking its sha256 against ``data/manifest.json`` (once
+    per process): a cut or edited corpus is an error, never silently other documents."""
     if name not in CORPORA:
         raise ValueError(f"corpus={name!r}: choose one of {CORPORA}")
     path = CORPUS_DIR / f"{name}.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"corpus={name!r}: {path} is missing; run `make data` first")
+    manifest = DATA_DIR / "manifest.json"
+    if not path.exists() or not manifest.exists():
+        raise FileNotFoundError(f"corpus={name!r}: {path if not path.exists() else manifest} is missing; "
+                                "run `make data` first")
+    if path not in _VERIFIED_CORPORA:
+        expected = json.loads(manifest.read_text(encoding="utf-8")).get("corpora", {}).get(name, {}).get("sha256")
+        got = file_sha256(path)
+        if got != expected:
+            raise ValueError(f"corpus={name!r}: {path} has sha256 {got}, but {manifest} records {expected}: "
+                             "the file is damaged or changed; run `make data` to rebuild it")
+        _VERIFIED_CORPORA.add(path)
+    return path
+
+
+def load_corpus(name: Literal["wiki", "news"] = "wiki") -> list[Document]:
+    """Documents of a corpus written by ``make data`` (``data/corpora/<name>.jsonl``), verified."""
+    path = verified_corpus_path(name)
+    rows = []
     with path.open(encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+        for line_no, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"corpus={name!r}: {path}:{line_no} is not valid JSON ({err})") from err
     return [Document(r["title"], r["text"], r.get("n_tokens")) for r in rows]
 
 
@@ -415,6 +479,11 @@ class PolicyOptions:
     seed: int = 0     # ``random``
     n_sink: int = 4   # ``streaming``
 
+    def __post_init__(self) -> None:
+        for name, value, low in (("seed", self.seed, None), ("n_sink", self.n_sink, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+                raise ValueError(f"{name}={value!r}: must be an int" + (f" >= {low}" if low is not None else ""))
+
 
 ScoreFn = Callable[[LayerKV, PolicyOptions], torch.Tensor]
 POLICIES: dict[str, ScoreFn] = {}
@@ -573,8 +642,15 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
+def _check_layer_list(name: str, layers: Any) -> tuple[int, ...]:
+    if not isinstance(layers, (list, tuple, set, frozenset, range)) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"{name}={layers!r}: must be a list of layer indices, e.g. (0, 1) or ()")
+    return tuple(layers)
+
+
 def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[int]:
-    skip = frozenset(skip_layers)
+    skip = frozenset(_check_layer_list("skip_layers", skip_layers))
     bad = [i for i in skip if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"skip_layers={tuple(skip_layers)!r}: {bad} outside the model's layers 0..{n_layers - 1}")
@@ -584,6 +660,33 @@ def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[i
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r}: choose one of {choices}")
+
+
+def keep_indices(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices (last dim) of the ``n_keep`` highest ``scores``: THE TIE RULE of every ranking here.
+
+    Equal scores resolve by position: the newest token stays, the oldest goes first. Prefill
+    compression, both streaming engines (whose heap and replay evict the oldest of equal scores)
+    and the attention-loss study all rank through this rule, so a kept set is a function of the
+    scores and the positions, never of how ``topk`` or a heap happens to order ties."""
+    by_position = positions.argsort(dim=-1, descending=True, stable=True)
+    by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
+    return by_position.gather(-1, by_score)[..., :n_keep]
+
+
+def storage_order(idx: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, order: Order) -> torch.Tensor:
+    """Kept indices ``idx`` rearranged for storage: by position (``"original"``), or by ascending
+    key norm with equal norms by position (``"by_norm"``, what the paper's code stores)."""
+    idx = idx.gather(-1, positions.gather(-1, idx).argsort(dim=-1, stable=True))
+    if order == "by_norm":
+        idx = idx.gather(-1, _norms(keys).gather(-1, idx).argsort(dim=-1, stable=True))
+    return idx
+
+
+def _gather_kept(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    return keys.gather(2, gather_idx), values.gather(2, gather_idx), positions.gather(-1, idx)
 
 
 @torch.inference_mode()
@@ -606,17 +709,9 @@ def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm
         if i in skip or (keep_ratio == 1.0 and order == "original"):
             keys.append(k), values.append(v), positions.append(p)
             continue
-        n_kept = n_kept_for(k.shape[2], keep_ratio)
-        idx = scores[i].topk(n_kept, dim=-1).indices
-        if order == "original":
-            idx = idx.sort(dim=-1).values
-        else:
-            kept_norms = _norms(k).gather(2, idx)
-            idx = idx.gather(2, kept_norms.argsort(dim=-1, stable=True))
-        gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-        keys.append(k.gather(2, gather_idx))
-        values.append(v.gather(2, gather_idx))
-        positions.append(p.gather(2, idx))
+        idx = storage_order(keep_indices(scores[i], p, n_kept_for(k.shape[2], keep_ratio)), p, k, order)
+        for out, kept in zip((keys, values, positions), _gather_kept(k, v, p, idx)):
+            out.append(kept)
     return KVCache(keys, values, positions, cache.seq_len)
 
 
@@ -735,6 +830,7 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
     from transformers import DynamicCache
 
     input_ids = _check_ids(input_ids).to(model.device)
+    _check_vocab(model, input_ids)
     store: dict[int, dict] = {}
     ctx = _capture_layer_inputs(model, store) if capture_hidden else contextlib.nullcontext()
     with ctx:
@@ -785,6 +881,7 @@ class EvalConfig:
         _check_skip_layers(self.skip_layers, n_layers)
         _check_choice("order", self.order, ORDERS)
         _check_choice("position_mode", self.position_mode, POSITION_MODES)
+        PolicyOptions(self.seed, self.n_sink)
 
 
 @dataclass
@@ -829,6 +926,20 @@ class EvalResult:
                 **self.meta}
 
 
+def _n_kept_reported(context_len: int, keep_ratio: float, skip_layers: Sequence[int], model: Any) -> int:
+    """Tokens per head a compressed layer keeps; the whole context when every layer is skipped."""
+    if len(set(skip_layers)) >= _n_layers(model):
+        return context_len
+    return n_kept_for(context_len, keep_ratio)
+
+
+def _check_vocab(model: Any, input_ids: torch.Tensor) -> None:
+    vocab = getattr(model.config, "vocab_size", None)
+    if (vocab is not None and int(input_ids.max()) >= vocab) or int(input_ids.min()) < 0:
+        raise ValueError(f"input_ids: token ids must lie in 0..{vocab} - 1 (the model's vocabulary); "
+                         f"got {int(input_ids.min())}..{int(input_ids.max())}")
+
+
 def _check_context_len(context_len: int, n_tokens: int) -> None:
     if not isinstance(context_len, int) or isinstance(context_len, bool) or not 1 <= context_len < n_tokens - 1:
         raise ValueError(f"context_len={context_len!r}: must be an int with 1 <= context_len < number of "
@@ -846,6 +957,9 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     and one continuation, which is how 04_quality_tradeoffs times the two paths."""
     input_ids = _check_ids(input_ids)
     _check_context_len(context_len, input_ids.shape[1])
+    if isinstance(configs, EvalConfig) or not all(isinstance(c, EvalConfig) for c in configs):
+        raise ValueError(f"configs={configs!r}: must be a list of EvalConfig (e.g. [EvalConfig(keep_ratio=0.5)])")
+    _check_vocab(model, input_ids)
     for cfg in configs:
         cfg.validate(_n_layers(model))
     needs_hidden = any(cfg.policy in KVPRESS_POLICIES for cfg in configs)
@@ -867,7 +981,7 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
                                scores=score_cache[key])
         logits = ref_logits if _is_identity(cfg) else continuation_logits(model, cache, new_ids, cfg.position_mode)
         m = token_metrics(logits, targets, ref_logits)
-        n_kept = n_kept_for(context_len, cfg.keep_ratio)
+        n_kept = _n_kept_reported(context_len, cfg.keep_ratio, cfg.skip_layers, model)
         results.append(EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, context_len,
                                   cache.nbytes()))
     return results
@@ -901,7 +1015,7 @@ def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_rati
     """kvpress's protocol (the write-up's "Method 2"): prefill ``context_len`` tokens, compress
     the cache once, then score the rest teacher-forced in one forward pass. Metrics are against
     the true next tokens and against the same forward on the uncompressed cache."""
-    cfg = EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode, seed, n_sink)
+    cfg = EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode, seed, n_sink)
     return sweep(model, input_ids, context_len, [cfg])[0]
 
 
@@ -910,6 +1024,7 @@ def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
     """The uncompressed model's perplexity on ``input_ids`` (tokens 1..n-1), one forward pass.
     A baseline: it cannot depend on any compression setting."""
     input_ids = _check_ids(input_ids).to(model.device)
+    _check_vocab(model, input_ids)
     if input_ids.shape[1] < 2:
         raise ValueError("input_ids: need at least two tokens")
     logits = model(input_ids=input_ids).logits[0, :-1]
@@ -926,7 +1041,7 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     New tokens get true positions under ``absolute``. Pass ``pre`` to reuse one prefill."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode).validate(_n_layers(model))
+    EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode).validate(_n_layers(model))
     pre = pre or prefill(model, input_ids, capture_hidden=policy in KVPRESS_POLICIES)
     cache = compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
     cache, position = _numbered(cache, model, position_mode)
@@ -1013,7 +1128,7 @@ def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float,
     retained sets are already fixed when this layer runs, so replaying the sequential engine's
     steps here ("attend to the retained set plus yourself, add the attention to each token's mass,
     then evict the lowest scores until ``budget[t]`` remain") takes the same decisions; ties go to
-    the oldest token, as in ``_keep_highest``. Costs a few small tensor ops per token."""
+    the oldest token (``keep_indices``'s tie rule). Costs a few small tensor ops per token."""
     _, n_q_heads, n, _ = query.shape
     n_kv_heads = key.shape[1]
     groups = n_q_heads // n_kv_heads
@@ -1062,14 +1177,6 @@ def streaming_mask(evict: torch.Tensor, groups: int) -> torch.Tensor:
 def _per_kv_head(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """Sum ``(B, H_q, ...)`` over the query heads that share each KV head: ``(B, H_kv, ...)``."""
     return x.view(x.shape[0], n_kv_heads, x.shape[1] // n_kv_heads, *x.shape[2:]).sum(2)
-
-
-def _keep_highest(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Indices of the ``n_keep`` highest scores; among equal scores the newest token stays (the
-    same rule as ``eviction_steps``, whose heap evicts the oldest of equal scores first)."""
-    by_position = positions.argsort(dim=-1, descending=True, stable=True)
-    by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
-    return by_position.gather(-1, by_score)[..., :n_keep]
 
 
 def _query_positions(budget: torch.Tensor, position_mode: str, any_compressed: bool) -> torch.Tensor:
@@ -1163,22 +1270,17 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
                 if i in skip or layer.keys.shape[2] <= n_keep:
                     continue
                 kv = LayerKV(layer.keys, layer.values, pos[i], i, attention_mass=mass[i], budget=n_keep)
-                idx = _keep_highest(score_fn(kv, opts), pos[i], n_keep)
+                idx = keep_indices(score_fn(kv, opts), pos[i], n_keep)
                 kept = torch.zeros(pos[i].shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
                 ev = evictions.setdefault(i, torch.full((h, n), n, dtype=torch.long))
                 gone = pos[i][~kept].view(b, h, -1)[0].cpu()
                 ev.scatter_(1, gone, t)
-                if cfg.order == "original":
-                    idx = idx.sort(dim=-1).values
-                else:
-                    idx = idx.gather(-1, _norms(layer.keys).gather(-1, idx).argsort(dim=-1, stable=True))
-                gidx = idx.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
-                layer.keys, layer.values = layer.keys.gather(2, gidx), layer.values.gather(2, gidx)
-                pos[i] = pos[i].gather(-1, idx)
+                idx = storage_order(idx, pos[i], layer.keys, cfg.order)
+                layer.keys, layer.values, pos[i] = _gather_kept(layer.keys, layer.values, pos[i], idx)
                 if mass[i] is not None:
                     mass[i] = mass[i].gather(-1, idx)
                 if rerotate:
-                    base_keys[i], base_rot[i] = base_keys[i].gather(2, gidx), base_rot[i].gather(-1, idx)
+                    base_keys[i], _, base_rot[i] = _gather_kept(base_keys[i], base_keys[i], base_rot[i], idx)
             lengths = [layer.keys.shape[2] for layer in cache.layers]
             next_position = min(lengths)
             if rerotate:
@@ -1215,9 +1317,11 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     ``streaming_sweep`` does).
     ``.evictions`` holds each compressed layer's eviction steps ``(H_kv, n)``."""
     ids = _check_ids(input_ids)
+    _check_vocab(model, ids)
     n = ids.shape[1]
     if n < 2:
         raise ValueError("input_ids: need at least two tokens")
+    PolicyOptions(seed, n_sink)
     resolve_policy(policy)
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: streaming supports {sorted(POLICIES)}")
@@ -1242,7 +1346,8 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     m = token_metrics(logits[:-1], ids[0, 1:].to(model.device), ref_logits[:-1])
     kv_bytes_per_token = 2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()
     lengths = [n if i in skip else int(budget[-1]) for i in range(_n_layers(model))]
-    return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], int(budget[-1]), 0,
+    n_kept = n if len(skip) == _n_layers(model) else int(budget[-1])
+    return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, 0,
                       sum(lengths) * kv_bytes_per_token, meta={"protocol": "streaming", "n_tokens": n},
                       evictions=evictions)
 
@@ -1336,7 +1441,9 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
         for keep_ratio in keep_ratios:
             n_kept = n_kept_for(context_len, keep_ratio)
             for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
-                kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(-1, layer_scores[0].topk(n_kept, -1).indices, True)
+                positions = torch.arange(attn.shape[-1]).expand_as(attn)
+                kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(
+                    -1, keep_indices(layer_scores[0], positions, n_kept), True)
                 lost = (attn * ~kept).sum(-1)
                 for head in range(attn.shape[0]):
                     rows.append({"policy": policy, "keep_ratio": keep_ratio, "layer": layer, "kv_head": head,
@@ -1367,6 +1474,28 @@ class Explorer:
     The first ``1 - score_fraction`` of the tokens is the context that gets compressed; the rest
     is scored teacher-forced (prefill protocol) and the continuation is generated after the context."""
 
+    KEEP_RATIO_STEP = 0.05   # the keep_ratio slider's grid (0.05 .. 1.0)
+
+    @staticmethod
+    def check_setting(model: Any, keep_ratio: float, policy: str, skip_layers: Sequence[int],
+                      position_mode: str, layer: int, kv_head: int, max_tokens: int) -> None:
+        """Every explorer parameter against the model and the controls, before any prefill: a
+        value the widgets would clamp or reject is an error naming the parameter."""
+        EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), "original",
+                   position_mode).validate(_n_layers(model))
+        step = Explorer.KEEP_RATIO_STEP
+        _require(abs(keep_ratio / step - round(keep_ratio / step)) < 1e-9, "keep_ratio", keep_ratio,
+                 f"on the slider's grid: a multiple of {step} in [{step}, 1]")
+        _check_prefill_policy("policy", policy)
+        _require(isinstance(layer, int) and 0 <= layer < _n_layers(model), "layer", layer,
+                 f"a layer index 0..{_n_layers(model) - 1}")
+        n_kv = model.config.num_key_value_heads
+        _require(isinstance(kv_head, int) and 0 <= kv_head < n_kv, "kv_head", kv_head, f"a KV head 0..{n_kv - 1}")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        _positive_int("max_tokens", max_tokens)
+        _require(limit is None or max_tokens <= limit, "max_tokens", max_tokens,
+                 f"at most the model's {limit} positions")
+
     def __init__(self, model: Any, tokenizer: Any, text: str, max_tokens: int = 512,
                  score_fraction: float = 0.25, n_generate: int = 24) -> None:
         if not 0 < score_fraction < 1:
@@ -1389,7 +1518,7 @@ class Explorer:
              position_mode: PositionMode = "absolute", layer: int = 2, kv_head: int = 0,
              order: Order = "original") -> ExplorerView:
         t0 = time.perf_counter()
-        cfg = EvalConfig(keep_ratio, policy, tuple(skip_layers), order, position_mode)
+        cfg = EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode)
         cfg.validate(_n_layers(self.model))
         if not 0 <= layer < _n_layers(self.model):
             raise ValueError(f"layer={layer}: outside 0..{_n_layers(self.model) - 1}")
@@ -1402,7 +1531,8 @@ class Explorer:
         logits = continuation_logits(self.model, cache, self.new_ids, position_mode)
         m = token_metrics(logits, self.targets, self.ref_logits)
         result = EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"],
-                            n_kept_for(self.context_len, keep_ratio), self.context_len, cache.nbytes())
+                            _n_kept_reported(self.context_len, keep_ratio, skip_layers, self.model),
+                            self.context_len, cache.nbytes())
         kept = torch.zeros(self.context_len, dtype=torch.bool)
         kept[cache.positions[layer][0, kv_head].cpu()] = True
         generated = generate_greedy(self.model, self.ids[:, :self.context_len], self.n_generate, keep_ratio, policy,
@@ -1596,6 +1726,12 @@ def _require(ok: bool, name: str, value: Any, what: str) -> None:
         raise ValueError(f"{name}={value!r}: must be {what}")
 
 
+def _check_prefill_policy(name: str, policy: Any) -> None:
+    resolve_policy(policy)
+    _require(policy not in DYNAMIC_POLICIES, name, policy,
+             "a policy whose score is fixed once the key exists; h2o is dynamic: streaming protocol only")
+
+
 PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "profile": lambda n, v: _check_choice(n, v, PROFILES),
     "model_name": lambda n, v: _require(v is None or isinstance(v, str), n, v,
@@ -1603,29 +1739,35 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "device": lambda n, v: _require(isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto"), n, v,
                                     "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
     "keep_ratios": lambda n, v: _check_list(n, v, lambda r: _check_keep_ratio(r)),
-    "policies": lambda n, v: _check_list(n, v, lambda p: resolve_policy(p) and None),
+    "policies": lambda n, v: _check_list(n, v, lambda p: _check_prefill_policy(n, p)),
+    "streaming_policies": lambda n, v: _check_list(n, v, lambda p: _check_choice(n, p, tuple(POLICIES))),
     "corpora": lambda n, v: _check_list(n, v, lambda c: _check_choice(n, c, CORPORA)),
     "position_modes": lambda n, v: _check_list(n, v, lambda m: _check_choice(n, m, POSITION_MODES)),
     "orders": lambda n, v: _check_list(n, v, lambda o: _check_choice(n, o, ORDERS)),
     "keep_ratio": lambda n, v: _check_keep_ratio(v) and None,
-    "policy": lambda n, v: resolve_policy(v) and None,
+    "policy": _check_prefill_policy,
+    "skip_layers": lambda n, v: _require(isinstance(v, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in v),
+                                         n, v, "a list of layer indices"),
     "position_mode": lambda n, v: _check_choice(n, v, POSITION_MODES),
     "text": lambda n, v: _require(v is None or (isinstance(v, str) and bool(v.strip())), n, v,
                                   "None (a wiki article) or non-empty text"),
 }
 
 
-def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: set[str]) -> dict[str, Any]:
+def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: dict[str, Any]) -> dict[str, Any]:
     """Validate a notebook's parameters; return them as a dict.
 
-    ``before``: the globals before the ``parameters`` cell; ``declared``: the globals at its end.
-    Papermill injects overrides in a cell after it and only *warns* on unknown names, so any new
-    global that the parameters cell did not declare is an error here. Known names get the checks
-    in ``PARAMETER_CHECKS``; ints named ``n_*`` or ``*_len`` must be positive."""
-    names = sorted(declared - before - {"_declared"})
-    unknown = sorted(set(namespace) - declared - {"_declared"} - {n for n in namespace if n.startswith("_")})
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: this notebook accepts {names}")
+    ``before``: a copy of the globals before the ``parameters`` cell (``dict(globals())``);
+    ``declared``: the names at its end. Papermill injects overrides in a cell after it and only
+    *warns* on unknown names, so a new global that the parameters cell did not declare, or a
+    rebinding of a name defined before it (an import such as ``stats``), is an error here. Names
+    starting with ``_`` are IPython's or the notebook's plumbing, never parameters. Known names get
+    the checks in ``PARAMETER_CHECKS``; ints named ``n_*``, ``*_len`` or ``*_tokens`` must be positive."""
+    names = sorted(n for n in declared - set(before) if not n.startswith("_"))
+    unknown = sorted(n for n in set(namespace) - declared if not n.startswith("_"))
+    rebound = sorted(n for n, v in before.items() if not n.startswith("_") and namespace.get(n, v) is not v)
+    if unknown or rebound:
+        raise ValueError(f"unknown parameter(s) {unknown + rebound}: this notebook accepts {names}")
     params = {n: namespace[n] for n in names}
     for name, value in params.items():
         if name in PARAMETER_CHECKS:
@@ -1637,10 +1779,13 @@ def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: s
 
 def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
                    model: Any | None = None) -> Path:
-    """Write ``data/results/<notebook>/<profile>.json`` atomically, with what produced it."""
+    """Write ``<RESULTS_DIR>/<notebook>/<profile>.json`` atomically, with what produced it, then
+    publish the figures this process saved for the notebook: a run that fails before recording
+    its results leaves no figure behind."""
     import hashlib
 
-    identity: dict[str, Any] = {"knorm_lib_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    identity: dict[str, Any] = {"knorm_lib_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                                "corpora_sha256": {p.stem: file_sha256(p) for p in sorted(_VERIFIED_CORPORA)}}
     if model is not None:
         identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
                         n_layers=_n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
@@ -1648,18 +1793,26 @@ def record_results(notebook: str, profile: str, parameters: dict[str, Any], resu
     write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
                              "identity": identity, "machine": machine_info(),
                              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
+    for pending, final in _PENDING_FIGURES.pop(notebook, {}).items():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(pending, final)   # a rename within one file system
     return path
 
 
+_PENDING_FIGURES: dict[str, dict[Path, Path]] = {}   # notebook -> {staged file: final path}
+
+
 def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: int = 150) -> Path:
-    """Save a matplotlib figure as PNG (atomically, >= 150 dpi): ``figures/<notebook>/<name>.png``
-    for the full profile (the committed report), ``build/figures/<profile>/...`` otherwise."""
-    base = PROJECT_ROOT / "figures" if profile == "full" else PROJECT_ROOT / "build" / "figures" / profile
+    """Save a matplotlib figure as PNG (>= 150 dpi) for ``<FIGURES_DIR>/<notebook>/<name>.png``
+    (default ``build/figures/<profile>/``; `make report` points it at the committed ``figures/``).
+    The file is staged under ``build/`` and only moved there by ``record_results``. Returns the
+    final path."""
+    base = FIGURES_DIR if FIGURES_DIR is not None else PROJECT_ROOT / "build" / "figures" / profile
     path = base / notebook / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=max(dpi, 150), bbox_inches="tight")
-    os.replace(tmp, path)
+    staged = PROJECT_ROOT / "build" / "staged-figures" / str(os.getpid()) / notebook / f"{name}.png"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(staged, dpi=max(dpi, 150), bbox_inches="tight")
+    _PENDING_FIGURES.setdefault(notebook, {})[staged] = path
     return path
 
 

@@ -1,10 +1,14 @@
 """`make report`: run every study notebook headless with papermill, resumably.
 
 For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
-data/manifest.json, requirements.txt and the profile) hash the same as at its last successful run
-and its results file exists; otherwise execute it in the project's kernel, with the executed copy
-written to ``build/notebooks/<profile>/``. A failing notebook is reported with its failing cell and
-the run exits non-zero; every finished notebook keeps its (atomically written) results.
+the notebook runner, data/manifest.json, the corpora's bytes, requirements.txt and the profile)
+hash the same as at its last successful run and its results file records the profile's default
+parameters; otherwise execute it in the project's kernel (``notebook_runner``: a per-cell timeout,
+one retry for a timeout, papermill's cell progress on screen), with the executed copy written to
+``build/notebooks/<profile>/``. This is the only writer of the committed ``data/results/`` and (full
+profile) ``figures/``. A failing notebook is reported with its failing cell and the run exits
+non-zero; every finished notebook keeps its (atomically written) results. At the end, the results
+are compared field by field with the committed ones (``compare_results.py``).
 """
 from __future__ import annotations
 
@@ -17,25 +21,34 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
-KERNEL = "knorm-study"
-HASHED_INPUTS = ("knorm_lib.py", "data/manifest.json", "requirements.txt")
+HASHED_INPUTS = ("knorm_lib.py", "scripts/notebook_runner.py", "data/manifest.json", "requirements.txt")
+RESULTS = ROOT / "data" / "results"
+FIGURES = ROOT / "figures"
 
 
 def input_hash(notebook: Path, profile: str) -> str:
+    """The notebook's inputs, the corpora's bytes included (a damaged corpus is never "unchanged")."""
+    import knorm_lib as kl
+
     h = hashlib.sha256(profile.encode())
     for path in (notebook, *(ROOT / p for p in HASHED_INPUTS)):
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
+    for name in kl.CORPORA:
+        h.update(kl.verified_corpus_path(name).name.encode())
+        h.update(kl.file_sha256(kl.verified_corpus_path(name)).encode())
     return h.hexdigest()
 
 
-def failing_cell(exc: Exception) -> str:
-    """Papermill raises PapermillExecutionError with the cell index and the error."""
-    index = getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
-    ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
-    return f"cell {index}: {ename}: {evalue}"
+def recorded_defaults(results: Path, profile: str) -> bool:
+    """The results file exists and records a run of ``profile`` with the notebook's defaults."""
+    if not results.exists():
+        return False
+    res = json.loads(results.read_text(encoding="utf-8"))
+    return res.get("profile") == profile and res.get("parameters", {}).get("profile") == profile
 
 
 def write_html(executed_dir: Path, html_dir: Path) -> None:
@@ -64,7 +77,7 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
     args = ap.parse_args()
 
-    import papermill as pm
+    import notebook_runner as runner
 
     notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
@@ -73,26 +86,26 @@ def main() -> int:
     stamp_dir = BUILD / "stamps" / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
+    figures = FIGURES if args.profile == "full" else BUILD / "figures" / args.profile
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
         digest = input_hash(nb, args.profile)
         stamp = stamp_dir / f"{nb.stem}.json"
-        results = ROOT / "data" / "results" / nb.stem / f"{args.profile}.json"
+        results = RESULTS / nb.stem / f"{args.profile}.json"
         prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
-        if not args.force and stamp.exists() and results.exists() and json.loads(stamp.read_text())["hash"] == digest:
+        if not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
+                and json.loads(stamp.read_text())["hash"] == digest:
             print(f"{prefix}: unchanged, skipped", flush=True)
             continue
-        print(f"{prefix}: running ...", flush=True)
+        print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
         t0 = time.time()
         try:
-            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": args.profile},
-                                kernel_name=KERNEL, cwd=str(NOTEBOOKS), progress_bar=False, log_output=False)
-        except Exception as exc:  # noqa: BLE001 - report any failure with its cell, keep going
+            runner.execute(nb, out_dir / nb.name, {"profile": args.profile}, progress=True,
+                           results_dir=RESULTS, figures_dir=figures)
+        except runner.NotebookFailed as exc:   # report it with its cell, keep going
             failures.append(nb.stem)
-            print(f"{prefix}: FAILED after {time.time() - t0:.0f} s at {failing_cell(exc)}\n"
+            print(f"{prefix}: FAILED after {time.time() - t0:.0f} s: {exc}\n"
                   f"    executed copy: {out_dir / nb.name}", flush=True)
             continue
         if not results.exists():
@@ -107,6 +120,9 @@ def main() -> int:
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
           f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / args.profile).relative_to(ROOT)}/index.html",
           flush=True)
+    import compare_results
+
+    compare_results.main(["--profile", args.profile])
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1

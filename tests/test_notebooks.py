@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
-import papermill as pm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import notebook_runner as runner  # noqa: E402
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-KERNEL = "knorm-study"
+KERNEL = runner.KERNEL
+# the tests' own results directory: the committed data/results/ stay untouched
+RESULTS = Path(tempfile.mkdtemp(prefix="knorm-test-results-"))
 
 
 def _execute(notebook: Path, out_dir: Path, **parameters) -> None:
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    pm.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=parameters, kernel_name=KERNEL,
-                        cwd=str(notebook.parent), progress_bar=False)
+    runner.execute(notebook, out_dir / notebook.name, parameters, results_dir=RESULTS)
 
 
 def _results(name: str) -> dict:
-    return json.loads((ROOT / "data" / "results" / name / "quick.json").read_text())
+    return json.loads((RESULTS / name / "quick.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +55,52 @@ def test_committed_without_outputs_and_parameterized(nb_path):
 
 
 def test_unknown_parameter_is_an_error(tmp_path):
-    """papermill only warns on unknown names; the notebook itself must stop, naming the parameter."""
-    with pytest.raises(pm.PapermillExecutionError, match="keep_ratioz"):
+    """papermill only warns on unknown names; the notebook itself must stop, naming the parameter,
+    also for a name the notebook imports (papermill's injected cell would silently rebind it)."""
+    with pytest.raises(runner.NotebookFailed, match="keep_ratioz"):
         _execute(ROOT / "notebooks" / "03_position_order_ppl.ipynb", tmp_path, profile="quick", keep_ratioz=[0.5])
+    with pytest.raises(runner.NotebookFailed, match="stats"):
+        _execute(ROOT / "notebooks" / "04_quality_tradeoffs.ipynb", tmp_path, profile="quick", stats=5)
 
 
 def test_bad_parameter_value_is_an_error(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match="profile"):
+    with pytest.raises(runner.NotebookFailed, match="profile"):
         _execute(ROOT / "notebooks" / "01_norm_distributions.ipynb", tmp_path, profile="medium")
-    with pytest.raises(pm.PapermillExecutionError, match="keep_ratio"):
+    with pytest.raises(runner.NotebookFailed, match="keep_ratio"):
         _execute(ROOT / "notebooks" / "02_attention_correlation.ipynb", tmp_path, profile="quick", keep_ratios=[1.5])
+    with pytest.raises(runner.NotebookFailed, match="streaming_policies"):
+        _execute(ROOT / "notebooks" / "04_quality_tradeoffs.ipynb", tmp_path, profile="quick",
+                 streaming_policies=["snapkv"])
+    with pytest.raises(runner.NotebookFailed, match="policies.*h2o"):
+        _execute(ROOT / "notebooks" / "02_attention_correlation.ipynb", tmp_path, profile="quick", policies=["h2o"])
+    with pytest.raises(runner.NotebookFailed, match="keep_ratio"):
+        _execute(ROOT / "notebooks" / "00_explore.ipynb", tmp_path, profile="quick", keep_ratio=0.01)
+
+
+def test_recorded_parameters_are_the_parameters_only(executed):
+    """No IPython plumbing (``_i2``, the parameters cell's source) or ``_before`` in the results."""
+    for nb in NOTEBOOKS:
+        params = _results(nb.stem)["parameters"]
+        assert not [k for k in params if k.startswith("_")], nb.stem
+        assert params["profile"] == "quick"
+
+
+def test_explorer_uses_no_output_widgets():
+    """The cause of the headless hang (nbclient #312): Output widgets and clear_output in the
+    explorer. Its displays are HTML widgets whose value is replaced."""
+    code = "\n".join(c.source for c in nbformat.read(ROOT / "notebooks" / "00_explore.ipynb", as_version=4).cells
+                     if c.cell_type == "code")
+    assert "widgets.Output(" not in code and "clear_output" not in code
+    assert "widgets.HTML(" in code
+
+
+def test_explorer_runs_headless_repeatedly(tmp_path):
+    """Three more headless runs of the explorer (one more in `executed`), each under a short
+    per-cell timeout without retry: a run blocked in the widget cell fails here, naming the cell.
+    The 30-run count lives in benchmarks/bench_headless_explore.py."""
+    for i in range(3):
+        runner.execute(ROOT / "notebooks" / "00_explore.ipynb", tmp_path / f"run{i}" / "00.ipynb",
+                       {"profile": "quick"}, cell_timeout_s=120, retries=0, results_dir=tmp_path / "results")
 
 
 def _finite(x) -> bool:

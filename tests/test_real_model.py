@@ -43,13 +43,17 @@ def test_keep_all_reproduces_model_loss(real_model, news_ids):
 
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.9])
 def test_kept_set_matches_kvpress_knormpress(keep_ratio, real_model, news_ids, news_prefill):
-    """Our "knorm" compression keeps, per layer and KV head, exactly the tokens that kvpress's
-    own KnormPress keeps for the same ratio (skip_layers=(), every layer compressed).
+    """Our "knorm" compression keeps, per layer and KV head, the tokens that kvpress's own
+    KnormPress keeps for the same ratio (skip_layers=(), every layer compressed), wherever
+    kvpress's order is defined: kvpress ranks with ``topk``, which orders equal scores arbitrarily,
+    while ours keeps the newest of equal scores (``keep_indices``). So the kept sets may differ
+    only in tokens whose score equals the boundary score, and layer 0 of real prose has such exact
+    ties (repeated tokens, whose key norms RoPE leaves unchanged).
 
     kvpress runs as a context manager during a prefill with the same attention function, so both
     caches hold bit-identical keys; kvpress's kept key rows are matched against the full cache to
     recover their original positions. kvpress stores kept tokens in score order (ascending norm),
-    which is exactly our order="by_norm"."""
+    which is our order="by_norm" (equal norms: by position)."""
     import kvpress
 
     model, _ = real_model
@@ -62,15 +66,31 @@ def test_kept_set_matches_kvpress_knormpress(keep_ratio, real_model, news_ids, n
     ours_by_norm = kl.compress_cache(full, keep_ratio, "knorm", skip_layers=(), order="by_norm")
     n_kept = kl.n_kept_for(news_ids.shape[1], keep_ratio)
     assert len(theirs.layers) == len(full.keys) == model.config.num_hidden_layers
+    n_tie_swaps = 0
     for layer, cached in enumerate(theirs.layers):
         their_keys = cached.keys[0]                                   # (H_kv, n_kept, D)
         assert their_keys.shape[1] == n_kept == ours.keys[layer].shape[2]
         match = (their_keys[:, :, None, :] == full.keys[layer][0][:, None, :, :]).all(-1)  # (H_kv, n_kept, S)
-        assert (match.sum(-1) == 1).all(), f"layer {layer}: a kvpress key is not a unique row of the full cache"
-        their_positions = match.int().argmax(-1).sort(dim=-1).values
-        assert torch.equal(their_positions, ours.positions[layer][0]), f"layer {layer}: different kept sets"
-        assert torch.equal(cached.keys, ours_by_norm.keys[layer]), f"layer {layer}: different storage order"
-        assert torch.equal(cached.values, ours_by_norm.values[layer])
+        assert match.sum(-1).min() >= 1, f"layer {layer}: a kvpress key is not a row of the full cache"
+        norms = full.keys[layer][0].float().norm(dim=-1)              # (H_kv, S)
+        boundary = norms.sort(dim=-1).values[:, n_kept - 1]           # the largest kept norm, per head
+        for head in range(their_keys.shape[0]):
+            theirs_set = set(match[head].int().argmax(-1).tolist())
+            ours_set = set(ours.positions[layer][0, head].tolist())
+            differ = sorted(theirs_set ^ ours_set)
+            assert all(norms[head, j] == boundary[head] for j in differ), \
+                f"layer {layer} head {head}: kept sets differ beyond exact ties at the boundary"
+            n_tie_swaps += len(differ) // 2
+            # storage: the same sequence of norms (ascending); equal norms may sit in either order
+            assert torch.equal(their_keys[head].float().norm(dim=-1),
+                               ours_by_norm.keys[layer][0, head].float().norm(dim=-1))
+            if not differ:
+                their_pos = match[head].int().argmax(-1)
+                ours_pos = ours_by_norm.positions[layer][0, head]
+                same_place = their_pos == ours_pos
+                tied = (norms[head, ours_pos][:, None] == norms[head, ours_pos][None, :]).sum(-1) > 1
+                assert bool((same_place | tied).all()), f"layer {layer} head {head}: different storage order"
+    print(f"kept-set differences at exact boundary ties: {n_tie_swaps}")
 
 
 def test_cache_relative_positions_raise_ppl_and_order_does_not(real_model, news_ids):
