@@ -105,6 +105,10 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     The ``q_len`` new queries are the last ``q_len`` tokens of ``key``; everything before them is
     cache and fully visible. This is why layers may hold caches of different lengths.
     """
+    for feature in ("sliding_window", "softcap", "s_aux"):   # features this function does not implement
+        if kwargs.get(feature) is not None:
+            raise NotImplementedError(f"layer {module.layer_idx}: attention with {feature}={kwargs[feature]!r} is not "
+                                      "implemented by knorm_lib's attention function (load_model refuses such models)")
     q_len, k_len = query.shape[2], key.shape[2]
     mask_fn = _MASK_FN.get()
     scale = scaling or query.shape[-1] ** -0.5
@@ -155,6 +159,42 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def check_supported(model: Any) -> None:
+    """Refuse, naming the feature, a model this library cannot evaluate exactly.
+
+    Supported: decoder-only models with RoPE attention laid out like Llama (``model.model.layers[i]
+    .self_attn``, one ``model.model.rotary_emb``): Llama (any RoPE scaling), Mistral without a
+    sliding window, Qwen2/Qwen3 (window off), Phi-3, SmolLM. Refused: other layouts (GPT-2,
+    encoder-decoders), sliding-window attention (Mistral-7B-v0.1, Gemma2/3: the attention function
+    masks by each layer's own cache, which no longer says how far back a key sits once tokens are
+    evicted), attention logit softcapping (Gemma2), per-layer-type RoPE (Gemma3)."""
+    cfg = getattr(model, "config", None)
+    arch = type(model).__name__
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if cfg is None or layers is None or getattr(inner, "rotary_emb", None) is None \
+            or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"model: {arch} is not supported: knorm_lib evaluates decoder-only models with RoPE "
+                         "attention laid out like Llama (model.model.layers[i].self_attn, model.model.rotary_emb)")
+    _check_config(cfg, arch)
+
+
+def _check_config(cfg: Any, arch: str) -> None:
+    """The attention features ``check_supported`` refuses, read from the config (before any weights load)."""
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    window = getattr(cfg, "sliding_window", None)
+    if "sliding_attention" in layer_types or (window is not None and getattr(cfg, "use_sliding_window", None) is not False):
+        raise ValueError(f"model: {arch} uses sliding-window attention (sliding_window={window}), which knorm_lib's "
+                         "attention function does not implement; refusing rather than computing other numbers")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"model: {arch} uses attention logit softcapping (attn_logit_softcapping="
+                         f"{cfg.attn_logit_softcapping}), which knorm_lib's attention function does not implement")
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"model: {arch} uses a different RoPE per layer type ({sorted(rope)}), which "
+                         "knorm_lib's re-rotation and scorers do not handle")
+
+
 def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
                dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode, using this module's attention function.
@@ -164,7 +204,7 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
     load from safetensors only and ``trust_remote_code`` stays off. ``device="auto"`` hands a model
     larger than one GPU to accelerate (``device_map="auto"``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -188,6 +228,8 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
     if device == "auto":
         kwargs["device_map"] = "auto"
     def load(local_only: bool) -> tuple[Any, Any]:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
+        _check_config(cfg, (getattr(cfg, "architectures", None) or [cfg.model_type])[0])
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
         return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs), tok
 
@@ -201,6 +243,7 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
             model, tokenizer = load(local_only=False)
         except OSError as err2:
             raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it from the hub ({err2})") from err2
+    check_supported(model)
     if device != "auto":
         model.to(device)
     model.eval()
@@ -757,6 +800,10 @@ def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor
     """Apply RoPE by ``delta`` positions (per token, may be negative) to already-rotated keys."""
     rotary = model.model.rotary_emb
     b, h, s, d = keys.shape
+    rotated_dims = 2 * rotary.inv_freq.numel() if hasattr(rotary, "inv_freq") else d
+    if rotated_dims != d:
+        raise ValueError(f"position_mode='rerotated': this model rotates {rotated_dims} of {d} dimensions per head "
+                         "(partial RoPE); re-rotation supports full RoPE only")
     cos, sin = rotary(keys, delta.reshape(1, -1).to(keys.device))
     scale = getattr(rotary, "attention_scaling", 1.0)
     cos = (cos / scale).reshape(b, h, s, d).to(keys.dtype)
