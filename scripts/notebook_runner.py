@@ -55,7 +55,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, profile
     from nbclient.exceptions import CellTimeoutError
 
     profile = profile or parameters.get("profile", "full")
-    timeout = cell_timeout_s or CELL_TIMEOUT_S[profile]
+    # an unknown profile gets the longest timeout: the notebook itself rejects it, naming it
+    timeout = cell_timeout_s or CELL_TIMEOUT_S.get(profile, max(CELL_TIMEOUT_S.values()))
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if results_dir is not None:
         env["KNORM_RESULTS_DIR"] = str(results_dir)
