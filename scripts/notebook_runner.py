@@ -17,7 +17,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "knorm-study"
-CELL_TIMEOUT_S = {"quick": 300, "full": 2400, "large": 7200}
+# Far above any cell of the profile on a quiet 2-core machine (quick cells take seconds to about a
+# minute, full ones up to ~12 minutes), so only a blocked or pathologically contended cell hits it.
+CELL_TIMEOUT_S = {"quick": 600, "full": 2400, "large": 7200}
 
 
 class NotebookFailed(RuntimeError):
