@@ -204,3 +204,28 @@ def test_unknown_hub_model_fails_fast_offline(monkeypatch):
         with pytest.raises(FileNotFoundError, match=name):
             kl.load_model(name)
         assert time.perf_counter() - t0 < 15
+
+
+# --- the results comparison ----------------------------------------------------------------------------
+
+def test_compare_results_families_and_check(tmp_path, capsys):
+    import compare_results
+
+    run = {"profile": "full", "identity": {"knorm_lib_sha256": "a"}, "results": {
+        "rows": [{"policy": "knorm", "keep_ratio": 0.5, "ppl": 17.0, "kl": 0.05, "next_token_acc": 0.4,
+                  "prefill_s": 3.0}]}}
+    ref = json.loads(json.dumps(run))
+    ref["identity"]["knorm_lib_sha256"] = "b"          # provenance is not compared
+    ref["results"]["rows"][0]["prefill_s"] = 4.0       # timings differ: shown, never fatal
+    fams = compare_results.compare(run, ref, "04_quality_tradeoffs")
+    assert fams["ppl"]["max_rel"] == 0 and fams["kl"]["max_rel"] == 0 and fams["accuracy"]["max_rel"] == 0
+    assert fams["timing"]["max_rel"] == pytest.approx(0.25)
+    for name, obj in (("run", run), ("ref", ref)):
+        (tmp_path / name / "04_quality_tradeoffs").mkdir(parents=True)
+        (tmp_path / name / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(obj))
+    args = ["--run", str(tmp_path / "run"), "--reference", str(tmp_path / "ref"), "--check"]
+    assert compare_results.main(args) == 0
+    run["results"]["rows"][0]["ppl"] = 17.01            # 5.9e-4 relative: beyond 1e-4
+    (tmp_path / "run" / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(run))
+    assert compare_results.main(args) == 1
+    assert "04_quality_tradeoffs/ppl" in capsys.readouterr().out
