@@ -1,38 +1,34 @@
-"""knorm_lib: KnormPress (keep the keys with the lowest L2 norm) measured right.
+"""knorm_lib: KnormPress (keep the keys with the lowest L2 norm) and its measurement, exactly.
 
-The one module the study's notebooks import. Sections, in reading order:
+The study's core, readable top to bottom; the study machinery (explorer, passkey task, speed
+probes, notebook plumbing) lives in the sibling package ``knorm_study``, which imports this module
+and never the reverse. Sections, in reading order:
 
-1. loading      ``load_model`` (embedded SmolLM2 or any Hugging Face id / local path), ``random_llama``
-2. data         ``load_corpus``, ``encode``, ``long_documents``, ``token_kinds``, ``passkey_prompt``
-3. policies     one small score function per policy (higher score = keep); ``register_policy``
-4. compression  ``n_kept_for``, ``KVCache``, ``compress_cache``, ``key_norms``, re-rotation
-5. evaluation   ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``span_metrics``, ``generate_greedy``
-   5b streaming ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
-   5c attention ``attention_received``, ``attention_mass_lost``
-   5d explorer  ``Explorer`` (what 00_explore's sliders call)
-6. metrics      ``token_metrics``, ``generation_agreement``, ``wilson_interval``, ``aggregate``
-7. timing       ``machine_info``, ``timed``; notebook parameters and atomic result files; the speed
-                study's probes (``timed_decode``, ``time_ttft``, ``peak_memory``, ``memory_bandwidth``,
-                ``cold_warm_ttft``)
+1. input checks  one place for the argument checks every entry point runs before heavy work
+2. loading       ``load_model`` (embedded SmolLM2 or any supported Hugging Face id / local path),
+                 ``random_llama``, the attention function every evaluation goes through
+3. data          ``load_corpus``, ``encode``, ``long_documents``
+4. policies      one small score function per policy (higher score = keep); ``register_policy``
+5. compression   ``n_kept_for``, ``KVCache``, ``keep_indices`` (the tie rule), ``compress_cache``, re-rotation
+6. metrics       ``token_metrics``
+7. prefill       ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``generate_greedy``
+8. streaming     ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
 
-* ``"absolute"`` -- new tokens keep their true positions. This is correct: every cached key was
-  rotated by RoPE at its own position before it was cached, so attention over the kept keys is a
-  set operation and neither eviction nor storage order moves any key.
-* ``"cache_relative"`` -- new tokens are numbered from the *compressed* cache length (the length
-  of the compressed layers), which is what ``model(new_ids, past_key_values=cache)`` does when
-  layer 0 of a transformers cache was compressed and no ``position_ids`` are passed (transformers
-  reads the length of layer 0: with ``skip_layers`` containing 0 a plain call happens to number
-  correctly, so this mode shows what the bug does whenever layer 0 is compressed). Queries then sit at the wrong distance from every
-  key: this is the bug behind the write-up's 39.68 -> 155.91 jump.
+* ``"absolute"`` -- new tokens keep their true positions. Correct: every cached key was rotated by
+  RoPE at its own position before it was cached, so attention over the kept keys is a set
+  operation and neither eviction nor storage order moves any key.
+* ``"cache_relative"`` -- new tokens are numbered from the compressed cache length, which is what
+  ``model(new_ids, past_key_values=cache)`` does when layer 0 of a transformers cache was
+  compressed and no ``position_ids`` are passed (transformers reads layer 0's length). Queries then
+  sit at the wrong distance from every key: the bug behind the write-up's 39.68 -> 155.91 jump.
 * ``"rerotated"`` -- kept keys are re-rotated to contiguous slots ``0..n_kept-1`` (in storage
   order) and new tokens are numbered after them, like StreamingLLM's pos-shift and kvpress's
   ``KeyRerotationPress``. Only here does storage order (``order="by_norm"``) matter.
 
-All evaluation is batch size 1 and unpadded; the attention function registered below builds its
-own causal mask from each layer's key length, so layers may hold caches of different lengths
-(``skip_layers``).
+All evaluation is batch size 1 and unpadded; the attention function builds its own causal mask
+from each layer's key length, so layers may hold caches of different lengths (``skip_layers``).
 """
 
 from __future__ import annotations
@@ -43,9 +39,6 @@ import json
 import math
 import numbers
 import os
-import platform
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -54,27 +47,24 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "random_llama", "load_corpus", "encode", "Document", "TokenizedDoc", "long_documents", "token_kinds",
-    "POLICIES", "register_policy", "PolicyOptions", "LayerKV",
-    "n_kept_for", "KVCache", "compress_cache", "key_norms", "rerotate_keys",
-    "Prefill", "prefill", "continuation_logits", "EvalConfig", "EvalResult", "prefill_ppl", "sweep", "full_ppl",
-    "attention_received", "future_attention", "attention_mass_lost", "Explorer", "ExplorerView", "highlight_html", "norm_strip_html",
-    "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask", "streaming_ppl",
-    "streaming_sweep", "full_logits",
-    "generate_greedy", "token_metrics", "generation_agreement", "aggregate", "keep_ratio_thresholds", "machine_info", "timed",
-    "weight_bytes", "rss_bytes", "peak_memory", "timed_decode", "time_ttft", "memory_bandwidth", "matmul_rate",
-    "op_profile", "decode_profile", "cold_warm_ttft",
-    "PasskeyPrompt", "passkey_key", "passkey_prompt", "span_metrics", "wilson_interval",
+    "load_model", "random_llama", "check_supported", "recording_attention",
+    "Document", "TokenizedDoc", "CORPORA", "load_corpus", "verified_corpus_path", "file_sha256", "encode",
+    "long_documents",
+    "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
+    "resolve_policy",
+    "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
+    "token_metrics",
+    "Prefill", "prefill", "key_norms", "value_norms", "continuation_logits", "full_logits", "full_ppl",
+    "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl", "generate_greedy",
+    "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
+    "streaming_ppl", "streaming_sweep",
+    "POSITION_MODES", "ORDERS",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("KNORM_DATA_DIR", PROJECT_ROOT / "data"))
 DEFAULT_MODEL_DIR = DATA_DIR / "models" / "SmolLM2-135M-Instruct"
 CORPUS_DIR = DATA_DIR / "corpora"
-# Where notebooks record results and figures. Only `make report` writes the committed ones
-# (data/results/, figures/): it sets these variables. Any other run writes under build/.
-RESULTS_DIR = Path(os.environ.get("KNORM_RESULTS_DIR", PROJECT_ROOT / "build" / "results"))
-FIGURES_DIR: Path | None = Path(os.environ["KNORM_FIGURES_DIR"]) if os.environ.get("KNORM_FIGURES_DIR") else None
 ATTN_IMPLEMENTATION = "knorm_study"
 
 PositionMode = Literal["absolute", "cache_relative", "rerotated"]
@@ -84,17 +74,109 @@ ORDERS: tuple[str, ...] = ("original", "by_norm")
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Loading
+# 1. Input checks: every entry point runs these before heavy work; errors name the argument
+# ----------------------------------------------------------------------------------------------
+
+def _positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r}: must be a positive int")
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: must be {what}")
+
+
+def _check_list(name: str, v: Any, check: Callable[[Any], None]) -> None:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ValueError(f"{name}={v!r}: must be a non-empty list")
+    for item in v:
+        check(item)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {choices}")
+
+
+def _check_keep_ratio(keep_ratio: float) -> float:
+    if not isinstance(keep_ratio, numbers.Real) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio) \
+            or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio={keep_ratio!r}: must be a number in (0, 1]")
+    return float(keep_ratio)
+
+
+def _check_layer_list(name: str, layers: Any) -> tuple[int, ...]:
+    if not isinstance(layers, (list, tuple, set, frozenset, range)) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"{name}={layers!r}: must be a list of layer indices, e.g. (0, 1) or ()")
+    return tuple(layers)
+
+
+def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[int]:
+    skip = frozenset(_check_layer_list("skip_layers", skip_layers))
+    bad = [i for i in skip if not isinstance(i, int) or not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"skip_layers={tuple(skip_layers)!r}: {bad} outside the model's layers 0..{n_layers - 1}")
+    return skip
+
+
+def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids: expected an integer tensor of token ids")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: expected shape (1, n), got {tuple(input_ids.shape)} (batch size 1 only)")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids: empty input has no tokens to evaluate")
+    return input_ids
+
+
+def _check_vocab(model: Any, input_ids: torch.Tensor) -> None:
+    vocab = getattr(model.config, "vocab_size", None)
+    if (vocab is not None and int(input_ids.max()) >= vocab) or int(input_ids.min()) < 0:
+        raise ValueError(f"input_ids: token ids must lie in 0..{vocab} - 1 (the model's vocabulary); "
+                         f"got {int(input_ids.min())}..{int(input_ids.max())}")
+
+
+def _check_context_len(context_len: int, n_tokens: int) -> None:
+    if not isinstance(context_len, int) or isinstance(context_len, bool) or not 1 <= context_len < n_tokens - 1:
+        raise ValueError(f"context_len={context_len!r}: must be an int with 1 <= context_len < number of "
+                         f"tokens - 1 = {n_tokens - 1} (at least two tokens must follow the context)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Loading and the attention function
 # ----------------------------------------------------------------------------------------------
 
 # Per-layer attention masks for evaluators that need more than causal attention (the one-pass
 # streaming evaluator). ``None`` means plain causal attention.
 # Called as ``mask_fn(layer_idx, query, key, scale)`` with the layer's RoPE-rotated tensors.
 MaskFn = Callable[[int, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
+
+
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
+
+
 # Receives (layer_idx, attention probabilities (B, H_q, q_len, k_len)) from every attention call.
 _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
     contextvars.ContextVar("knorm_attn_recorder", default=None)
+
+
+@contextlib.contextmanager
+def _using(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def recording_attention(fn: Callable[[int, torch.Tensor], None] | None) -> contextlib.AbstractContextManager:
+    """Within the block, every attention call passes ``(layer_idx, probabilities (B, H_q, q_len,
+    k_len))`` to ``fn`` (how H2O and the attention studies read attention)."""
+    return _using(_ATTN_RECORDER, fn)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -159,6 +241,22 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def _check_config(cfg: Any, arch: str) -> None:
+    """The attention features ``check_supported`` refuses, read from the config (before any weights load)."""
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    window = getattr(cfg, "sliding_window", None)
+    if "sliding_attention" in layer_types or (window is not None and getattr(cfg, "use_sliding_window", None) is not False):
+        raise ValueError(f"model: {arch} uses sliding-window attention (sliding_window={window}), which knorm_lib's "
+                         "attention function does not implement; refusing rather than computing other numbers")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"model: {arch} uses attention logit softcapping (attn_logit_softcapping="
+                         f"{cfg.attn_logit_softcapping}), which knorm_lib's attention function does not implement")
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"model: {arch} uses a different RoPE per layer type ({sorted(rope)}), which "
+                         "knorm_lib's re-rotation and scorers do not handle")
+
+
 def check_supported(model: Any) -> None:
     """Refuse, naming the feature, a model this library cannot evaluate exactly.
 
@@ -177,22 +275,6 @@ def check_supported(model: Any) -> None:
         raise ValueError(f"model: {arch} is not supported: knorm_lib evaluates decoder-only models with RoPE "
                          "attention laid out like Llama (model.model.layers[i].self_attn, model.model.rotary_emb)")
     _check_config(cfg, arch)
-
-
-def _check_config(cfg: Any, arch: str) -> None:
-    """The attention features ``check_supported`` refuses, read from the config (before any weights load)."""
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    window = getattr(cfg, "sliding_window", None)
-    if "sliding_attention" in layer_types or (window is not None and getattr(cfg, "use_sliding_window", None) is not False):
-        raise ValueError(f"model: {arch} uses sliding-window attention (sliding_window={window}), which knorm_lib's "
-                         "attention function does not implement; refusing rather than computing other numbers")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"model: {arch} uses attention logit softcapping (attn_logit_softcapping="
-                         f"{cfg.attn_logit_softcapping}), which knorm_lib's attention function does not implement")
-    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        raise ValueError(f"model: {arch} uses a different RoPE per layer type ({sorted(rope)}), which "
-                         "knorm_lib's re-rotation and scorers do not handle")
 
 
 def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
@@ -278,8 +360,13 @@ def _n_layers(model: Any) -> int:
     return len(_layers(model))
 
 
+def _head_dim(model: Any) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 # ----------------------------------------------------------------------------------------------
-# 2. Data
+# 3. Data
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -388,118 +475,8 @@ def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: in
     return out
 
 
-TOKEN_KINDS: tuple[str, ...] = ("first", "newline", "punctuation", "stop_word", "other")
-STOP_WORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being
-it its this that these those he she they we you i his her their our your not no so than then there here which who
-whom what when where why how all any each also has have had do does did will would can could may might""".split())
-
-
-def token_kinds(tokenizer: Any, input_ids: torch.Tensor) -> list[str]:
-    """A kind per token, for grouping norms: ``first`` (the attention sink; these sequences carry no
-    BOS), ``newline``, ``punctuation``, ``stop_word`` (short English function words), ``other``."""
-    kinds = []
-    for i, token_id in enumerate(_check_ids(input_ids)[0].tolist()):
-        text = tokenizer.decode([token_id])
-        word = text.strip()
-        if i == 0:
-            kinds.append("first")
-        elif "\n" in text:
-            kinds.append("newline")
-        elif word and not any(c.isalnum() for c in word):
-            kinds.append("punctuation")
-        elif word.lower() in STOP_WORDS:
-            kinds.append("stop_word")
-        else:
-            kinds.append("other")
-    return kinds
-
-
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.")
-PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_QUESTION = "\nWhat is the pass key?"
-PASSKEY_ANSWER_PREFIX = "The pass key is"
-
-
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    """A passkey-retrieval sample: ``input_ids[:, :context_len]`` is the chat-template prefix and
-    the filler holding the key line (what gets compressed); then the question, the end of the user
-    turn, the assistant prefix, ``PASSKEY_ANSWER_PREFIX`` and the space before the key (when the
-    tokenizer makes it a token of its own); ``input_ids[:, key_start:]`` are the key's digit tokens,
-    the answer greedy decoding must reproduce."""
-    input_ids: torch.Tensor   # (1, n)
-    context_len: int
-    key_start: int
-    key: str
-    depth: float
-    key_position: int         # index of the key line's first token in the context
-
-    @property
-    def prompt_ids(self) -> torch.Tensor:
-        """Everything before the key's tokens (what a generation run is given)."""
-        return self.input_ids[:, :self.key_start]
-
-    @property
-    def key_ids(self) -> torch.Tensor:
-        return self.input_ids[0, self.key_start:]
-
-
-def passkey_key(seed: int, context_tokens: int, depth: float, digits: int = 5) -> str:
-    """A ``digits``-digit key drawn from an RNG seeded by ``(seed, context_tokens, depth)``."""
-    import random
-
-    _positive_int("digits", digits)
-    rng = random.Random(f"passkey:{seed}:{context_tokens}:{float(depth)!r}")
-    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-
-
-def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: str) -> PasskeyPrompt:
-    """Build a LongLoRA / landmark-style passkey sample whose context is exactly ``context_tokens``.
-
-    The filler (``PASSKEY_FILLER`` repeated, cut to length at the token level) surrounds the line
-    "The pass key is KEY. Remember it. KEY is the pass key.", inserted at the sentence boundary
-    nearest ``depth`` (0.0: first, 1.0: last) of the filler. The user turn is wrapped in the
-    tokenizer's chat template when it has one (plain text otherwise)."""
-    if not isinstance(key, str) or not key.isdigit():
-        raise ValueError(f"key={key!r}: must be a non-empty string of digits")
-    if not isinstance(depth, numbers.Real) or isinstance(depth, bool) or not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth={depth!r}: must be a number in [0, 1]")
-    _positive_int("context_tokens", context_tokens)
-    marker = "\x00FILLER\x00"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker + PASSKEY_QUESTION}],
-                                             tokenize=False, add_generation_prompt=True)
-        if text.count(marker) != 1:
-            raise ValueError("tokenizer: its chat template does not keep the user message verbatim")
-        head, tail = text.split(marker)
-    else:
-        head, tail = "", PASSKEY_QUESTION + "\n"
-    ids = lambda s: tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    head_ids = ids(head + PASSKEY_INTRO)
-    key_line = ids(f" The pass key is {key}. Remember it. {key} is the pass key.")
-    unit = ids(PASSKEY_FILLER)
-    n_filler = context_tokens - len(head_ids) - len(key_line)
-    if n_filler < len(unit):
-        raise ValueError(f"context_tokens={context_tokens}: too short; the template, instructions and key line "
-                         f"take {len(head_ids) + len(key_line)} tokens, the filler needs at least {len(unit)} more")
-    filler = unit.repeat(n_filler // len(unit) + 1)[:n_filler]
-    period = set(ids(".").tolist())
-    bounds = [0] + [i + 1 for i, t in enumerate(filler.tolist()) if t in period] + [n_filler]
-    cut = min(bounds, key=lambda b: (abs(b - depth * n_filler), b))
-    context = torch.cat([head_ids, filler[:cut], key_line, filler[cut:]])
-    question = ids(tail + PASSKEY_ANSWER_PREFIX)
-    answer = ids(" " + key)
-    lead = 0  # a whitespace-only first token (" " before the digits) belongs to the answer prefix
-    while lead < len(answer) - 1 and not tokenizer.decode(answer[lead:lead + 1]).strip():
-        lead += 1
-    input_ids = torch.cat([context, question, answer])[None]
-    return PasskeyPrompt(input_ids, len(context), len(context) + len(question) + lead, key, float(depth),
-                         len(head_ids) + cut)
-
-
 # ----------------------------------------------------------------------------------------------
-# 3. Scores and policies (higher score = keep)
+# 4. Scores and policies (higher score = keep)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -596,8 +573,8 @@ def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
     return torch.where(recent, kv.attention_mass.new_full((), float("inf")), kv.attention_mass)
 
 
-STATIC_POLICIES: tuple[str, ...] = ("knorm", "high_norm", "random", "streaming")  # score fixed once the key exists
 DYNAMIC_POLICIES: tuple[str, ...] = ("h2o",)
+
 
 KVPRESS_POLICIES: dict[str, str] = {"snapkv": "SnapKVPress", "tova": "TOVAPress",
                                     "expected_attention": "ExpectedAttentionPress"}
@@ -635,15 +612,8 @@ def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Compression
+# 5. Compression
 # ----------------------------------------------------------------------------------------------
-
-def _check_keep_ratio(keep_ratio: float) -> float:
-    if not isinstance(keep_ratio, numbers.Real) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio) \
-            or not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio={keep_ratio!r}: must be a number in (0, 1]")
-    return float(keep_ratio)
-
 
 def n_kept_for(n: int, keep_ratio: float) -> int:
     """Tokens kept out of ``n``: exactly kvpress's ``compute_n_kept(n, 1 - keep_ratio)``."""
@@ -685,26 +655,6 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def _check_layer_list(name: str, layers: Any) -> tuple[int, ...]:
-    if not isinstance(layers, (list, tuple, set, frozenset, range)) or \
-            not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"{name}={layers!r}: must be a list of layer indices, e.g. (0, 1) or ()")
-    return tuple(layers)
-
-
-def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[int]:
-    skip = frozenset(_check_layer_list("skip_layers", skip_layers))
-    bad = [i for i in skip if not isinstance(i, int) or not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"skip_layers={tuple(skip_layers)!r}: {bad} outside the model's layers 0..{n_layers - 1}")
-    return skip
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: choose one of {choices}")
-
-
 def keep_indices(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices (last dim) of the ``n_keep`` highest ``scores``: THE TIE RULE of every ranking here.
 
@@ -733,6 +683,26 @@ def _gather_kept(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tens
 
 
 @torch.inference_mode()
+def policy_scores(cache: KVCache, policy: str | Any, options: PolicyOptions = PolicyOptions(),
+                  layer_inputs: dict[int, dict] | None = None,
+                  skip: Iterable[int] = ()) -> list[torch.Tensor | None]:
+    """One score tensor ``(B, H_kv, S)`` per layer (``None`` for skipped layers)."""
+    _, score_fn, needs_hidden = resolve_policy(policy)
+    if needs_hidden and not layer_inputs:
+        raise ValueError("policy: kvpress presses need the prefill's hidden states; "
+                         "use prefill(..., capture_hidden=True)")
+    skip = set(skip)
+    out: list[torch.Tensor | None] = []
+    for i, (k, v, p) in enumerate(zip(cache.keys, cache.values, cache.positions)):
+        if i in skip:
+            out.append(None)
+            continue
+        extra = (layer_inputs or {}).get(i, {})
+        out.append(score_fn(LayerKV(k, v, p, i, **extra), options))
+    return out
+
+
+@torch.inference_mode()
 def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm",
                    skip_layers: Iterable[int] = (0, 1), order: Order = "original",
                    options: PolicyOptions = PolicyOptions(), layer_inputs: dict[int, dict] | None = None,
@@ -758,44 +728,6 @@ def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm
     return KVCache(keys, values, positions, cache.seq_len)
 
 
-@torch.inference_mode()
-def policy_scores(cache: KVCache, policy: str | Any, options: PolicyOptions = PolicyOptions(),
-                  layer_inputs: dict[int, dict] | None = None,
-                  skip: Iterable[int] = ()) -> list[torch.Tensor | None]:
-    """One score tensor ``(B, H_kv, S)`` per layer (``None`` for skipped layers)."""
-    _, score_fn, needs_hidden = resolve_policy(policy)
-    if needs_hidden and not layer_inputs:
-        raise ValueError("policy: kvpress presses need the prefill's hidden states; "
-                         "use prefill(..., capture_hidden=True)")
-    skip = set(skip)
-    out: list[torch.Tensor | None] = []
-    for i, (k, v, p) in enumerate(zip(cache.keys, cache.values, cache.positions)):
-        if i in skip:
-            out.append(None)
-            continue
-        extra = (layer_inputs or {}).get(i, {})
-        out.append(score_fn(LayerKV(k, v, p, i, **extra), options))
-    return out
-
-
-def key_norms(model_or_cache: Any, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Key L2 norms, float32, shape ``(layers, H_kv, positions)``, from a ``KVCache`` or by
-    prefilling ``input_ids``. RoPE rotates coordinate pairs, so these equal the pre-RoPE norms."""
-    cache = model_or_cache if isinstance(model_or_cache, KVCache) else prefill(model_or_cache, input_ids).cache
-    return _stack_padded([_norms(k)[0] for k in cache.keys])
-
-
-def value_norms(cache: KVCache) -> torch.Tensor:
-    """Value L2 norms, float32, ``(layers, H_kv, positions)`` (for contrast with key norms)."""
-    return _stack_padded([_norms(v)[0] for v in cache.values])
-
-
-def _stack_padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """Stack ``(H_kv, S_l)`` tensors; layers shorter than the longest (compressed) end in NaN."""
-    longest = max(t.shape[-1] for t in per_layer)
-    return torch.stack([F.pad(t, (0, longest - t.shape[-1]), value=float("nan")) for t in per_layer])
-
-
 def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor:
     """Apply RoPE by ``delta`` positions (per token, may be negative) to already-rotated keys."""
     rotary = model.model.rotary_emb
@@ -813,6 +745,15 @@ def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor
     return keys * cos + rotated_half * sin
 
 
+def _to_slots(keys: torch.Tensor, rotated_at: torch.Tensor, next_position: int,
+              model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys`` (rotated at positions ``rotated_at``) re-rotated to the contiguous slots that end
+    just before ``next_position``, and those slots."""
+    s = keys.shape[2]
+    slots = torch.arange(s, device=keys.device).expand_as(rotated_at) + (next_position - s)
+    return _rotate(keys, slots - rotated_at, model), slots
+
+
 def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
     """Move each kept key to a contiguous slot (storage order), like StreamingLLM's pos-shift.
 
@@ -820,17 +761,38 @@ def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
     shifted as a whole so their relative positions, and so their attention, stay exact. Returns the
     new cache and the position the next token gets."""
     next_position = min(cache.lengths())
-    keys, positions = [], []
-    for k, p in zip(cache.keys, cache.positions):
-        s = k.shape[2]
-        slots = torch.arange(s, device=k.device).expand_as(p) + (next_position - s)
-        keys.append(_rotate(k, slots - p, model))
-        positions.append(slots)
-    return KVCache(keys, list(cache.values), positions, cache.seq_len), next_position
+    moved = [_to_slots(k, p, next_position, model) for k, p in zip(cache.keys, cache.positions)]
+    return KVCache([k for k, _ in moved], list(cache.values), [p for _, p in moved], cache.seq_len), next_position
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Evaluation
+# 6. Metrics
+# ----------------------------------------------------------------------------------------------
+
+def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor,
+                  chunk: int = 32) -> dict[str, torch.Tensor]:
+    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
+
+    Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
+    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass)."""
+    dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+    parts: dict[str, list[torch.Tensor]] = {"nll": [], "correct": [], "kl": [], "top1_agree": []}
+    for start in range(0, logits.shape[0], chunk):
+        x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)
+        tgt = targets[start:start + chunk].view(-1, 1)
+        lse, ref_lse = x.logsumexp(-1), ref.logsumexp(-1)
+        ref_p = (ref - ref_lse[:, None]).exp_()
+        kl = torch.linalg.vecdot(ref_p, ref) - torch.linalg.vecdot(ref_p, x) - ref_lse + lse
+        pred = x.argmax(-1)
+        parts["nll"].append((lse - x.gather(-1, tgt).squeeze(-1)).cpu())
+        parts["kl"].append(kl.clamp_min(0.0).cpu())
+        parts["correct"].append((pred == tgt.squeeze(-1)).cpu())
+        parts["top1_agree"].append((pred == ref.argmax(-1)).cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Prefill evaluation (kvpress's protocol: compress once after the context)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -858,18 +820,6 @@ def _capture_layer_inputs(model: Any, store: dict[int, dict]) -> Iterator[None]:
             h.remove()
 
 
-def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError("input_ids: expected an integer tensor of token ids")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids: expected shape (1, n), got {tuple(input_ids.shape)} (batch size 1 only)")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids: empty input has no tokens to evaluate")
-    return input_ids
-
-
 @torch.inference_mode()
 def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -> Prefill:
     """One forward over ``input_ids``; returns the full cache (with original positions), the last
@@ -884,6 +834,24 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
         out = model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     return Prefill(KVCache.from_transformers(out.past_key_values), out.logits[:, -1].float(),
                    store if capture_hidden else None)
+
+
+def _stack_padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(H_kv, S_l)`` tensors; layers shorter than the longest (compressed) end in NaN."""
+    longest = max(t.shape[-1] for t in per_layer)
+    return torch.stack([F.pad(t, (0, longest - t.shape[-1]), value=float("nan")) for t in per_layer])
+
+
+def key_norms(model_or_cache: Any, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Key L2 norms, float32, shape ``(layers, H_kv, positions)``, from a ``KVCache`` or by
+    prefilling ``input_ids``. RoPE rotates coordinate pairs, so these equal the pre-RoPE norms."""
+    cache = model_or_cache if isinstance(model_or_cache, KVCache) else prefill(model_or_cache, input_ids).cache
+    return _stack_padded([_norms(k)[0] for k in cache.keys])
+
+
+def value_norms(cache: KVCache) -> torch.Tensor:
+    """Value L2 norms, float32, ``(layers, H_kv, positions)`` (for contrast with key norms)."""
+    return _stack_padded([_norms(v)[0] for v in cache.values])
 
 
 def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[KVCache, int]:
@@ -908,6 +876,24 @@ def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
     out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=cache.to_transformers(),
                 position_ids=position_ids, use_cache=True)
     return out.logits[0]
+
+
+@torch.inference_mode()
+def full_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, vocab)`` of the uncompressed model (the reference for KL and agreement)."""
+    return model(input_ids=_check_ids(input_ids).to(model.device), use_cache=False).logits[0]
+
+
+@torch.inference_mode()
+def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
+    """The uncompressed model's perplexity on ``input_ids`` (tokens 1..n-1), one forward pass.
+    A baseline: it cannot depend on any compression setting."""
+    input_ids = _check_ids(input_ids).to(model.device)
+    _check_vocab(model, input_ids)
+    if input_ids.shape[1] < 2:
+        raise ValueError("input_ids: need at least two tokens")
+    logits = model(input_ids=input_ids).logits[0, :-1]
+    return math.exp(F.cross_entropy(logits.float(), input_ids[0, 1:]).item())
 
 
 @dataclass(frozen=True)
@@ -980,17 +966,34 @@ def _n_kept_reported(context_len: int, keep_ratio: float, skip_layers: Sequence[
     return n_kept_for(context_len, keep_ratio)
 
 
-def _check_vocab(model: Any, input_ids: torch.Tensor) -> None:
-    vocab = getattr(model.config, "vocab_size", None)
-    if (vocab is not None and int(input_ids.max()) >= vocab) or int(input_ids.min()) < 0:
-        raise ValueError(f"input_ids: token ids must lie in 0..{vocab} - 1 (the model's vocabulary); "
-                         f"got {int(input_ids.min())}..{int(input_ids.max())}")
+def _is_identity(cfg: EvalConfig) -> bool:
+    return cfg.keep_ratio == 1.0 and cfg.order == "original" and cfg.position_mode == "absolute"
 
 
-def _check_context_len(context_len: int, n_tokens: int) -> None:
-    if not isinstance(context_len, int) or isinstance(context_len, bool) or not 1 <= context_len < n_tokens - 1:
-        raise ValueError(f"context_len={context_len!r}: must be an int with 1 <= context_len < number of "
-                         f"tokens - 1 = {n_tokens - 1} (at least two tokens must follow the context)")
+def _progress(items: Iterable, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, mininterval=10)  # plain tqdm: papermill-safe
+
+
+def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Tensor, cfg: EvalConfig,
+             reference_logits: torch.Tensor, scores: list[torch.Tensor] | None = None) -> tuple[EvalResult, KVCache]:
+    """One configuration on one prefill: compress ``pre.cache``, feed ``new_ids`` teacher-forced,
+    score against ``targets`` and against ``reference_logits`` (the same forward on the full cache).
+    Returns the result and the compressed cache. ``scores``: the policy's scores of ``pre.cache``."""
+    cache = compress_cache(pre.cache, cfg.keep_ratio, cfg.policy, cfg.skip_layers, cfg.order,
+                           PolicyOptions(cfg.seed, cfg.n_sink), pre.layer_inputs, scores)
+    if _is_identity(cfg):
+        logits = reference_logits
+    else:
+        logits = continuation_logits(model, cache, new_ids, cfg.position_mode)
+    m = token_metrics(logits, targets, reference_logits)
+    context_len = pre.cache.seq_len
+    n_kept = _n_kept_reported(context_len, cfg.keep_ratio, cfg.skip_layers, model)
+    return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, context_len,
+                      cache.nbytes()), cache
 
 
 def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
@@ -1015,45 +1018,13 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     ref_logits = reference_logits if reference_logits is not None else continuation_logits(model, pre.cache, new_ids)
     score_cache: dict[tuple, list] = {}
     results = []
-    iterator: Iterable[EvalConfig] = configs
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(configs, desc="configurations", mininterval=10)  # plain tqdm: papermill-safe
-    for cfg in iterator:
+    for cfg in _progress(configs, "configurations", progress):
         key = (cfg.policy, cfg.seed, cfg.n_sink)
         if key not in score_cache:
             score_cache[key] = policy_scores(pre.cache, cfg.policy, PolicyOptions(cfg.seed, cfg.n_sink),
                                              pre.layer_inputs)
-        cache = compress_cache(pre.cache, cfg.keep_ratio, cfg.policy, cfg.skip_layers, cfg.order,
-                               scores=score_cache[key])
-        logits = ref_logits if _is_identity(cfg) else continuation_logits(model, cache, new_ids, cfg.position_mode)
-        m = token_metrics(logits, targets, ref_logits)
-        n_kept = _n_kept_reported(context_len, cfg.keep_ratio, cfg.skip_layers, model)
-        results.append(EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, context_len,
-                                  cache.nbytes()))
+        results.append(evaluate(model, pre, new_ids, targets, cfg, ref_logits, score_cache[key])[0])
     return results
-
-
-def _is_identity(cfg: EvalConfig) -> bool:
-    return cfg.keep_ratio == 1.0 and cfg.order == "original" and cfg.position_mode == "absolute"
-
-
-def span_metrics(result: EvalResult, start: int, end: int | None = None) -> dict[str, Any]:
-    """Metrics of the input tokens ``start .. end-1`` (``end=None``: to the last) from a sweep result.
-
-    Scored token ``j`` of ``result`` is input token ``context_len + 1 + j``. ``correct`` is True iff
-    the argmax is right at every position of the span, i.e. greedy decoding from the token before
-    ``start`` reproduces the span exactly (a passkey answer); ``nll`` is the span's summed NLL."""
-    first, n = result.context_len + 1, result.nll.numel()
-    end = first + n if end is None else end
-    if not isinstance(start, int) or not first <= start < first + n:
-        raise ValueError(f"start={start!r}: must be a scored input position, {first} .. {first + n - 1}")
-    if not isinstance(end, int) or not start < end <= first + n:
-        raise ValueError(f"end={end!r}: must satisfy start < end <= {first + n}")
-    sl = slice(start - first, end - first)
-    correct = result.correct[sl]
-    return {"correct": bool(correct.all()), "token_acc": correct.float().mean().item(),
-            "nll": result.nll[sl].sum().item(), "n_tokens": end - start}
 
 
 def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratio: float,
@@ -1066,16 +1037,12 @@ def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_rati
     return sweep(model, input_ids, context_len, [cfg])[0]
 
 
-@torch.inference_mode()
-def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
-    """The uncompressed model's perplexity on ``input_ids`` (tokens 1..n-1), one forward pass.
-    A baseline: it cannot depend on any compression setting."""
-    input_ids = _check_ids(input_ids).to(model.device)
-    _check_vocab(model, input_ids)
-    if input_ids.shape[1] < 2:
-        raise ValueError("input_ids: need at least two tokens")
-    logits = model(input_ids=input_ids).logits[0, :-1]
-    return math.exp(F.cross_entropy(logits.float(), input_ids[0, 1:]).item())
+def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int) -> torch.Tensor:
+    """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
+    (extended in place); return the greedy next token (1, 1)."""
+    out = model(input_ids=token, past_key_values=dyn, use_cache=True,
+                position_ids=torch.tensor([[position]], device=model.device))
+    return out.logits[:, -1].argmax(-1).view(1, 1)
 
 
 @torch.inference_mode()
@@ -1102,16 +1069,8 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     return torch.cat(out_tokens, dim=1)[0].cpu()
 
 
-def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int) -> torch.Tensor:
-    """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
-    (extended in place); return the greedy next token (1, 1)."""
-    out = model(input_ids=token, past_key_values=dyn, use_cache=True,
-                position_ids=torch.tensor([[position]], device=model.device))
-    return out.logits[:, -1].argmax(-1).view(1, 1)
-
-
 # ----------------------------------------------------------------------------------------------
-# 5b. Streaming evaluation (the paper's LM protocol, the write-up's "Method 1")
+# 8. Streaming evaluation (the paper's LM protocol, the write-up's "Method 1")
 # ----------------------------------------------------------------------------------------------
 
 Engine = Literal["sequential", "one_pass"]
@@ -1128,27 +1087,46 @@ class StreamingConfig:
     engine: Engine = "one_pass"
     seed: int = 0
     n_sink: int = 4
+    prune_after: int | None = None
+    recent_window: int = 0
 
 
-def budget_schedule(n: int, keep_ratio: float | None = None, max_cache: int | None = None) -> torch.Tensor:
+def budget_schedule(n: int, keep_ratio: float | None = None, max_cache: int | None = None,
+                    prune_after: int | None = None) -> torch.Tensor:
     """``b[t]``: tokens each compressed layer retains after step ``t`` (``t = 0..n-1``).
 
-    ``max_cache=B``: ``min(t + 1, B)``; ``keep_ratio=r``: ``n_kept_for(t + 1, r)``."""
+    ``max_cache=B``: ``min(t + 1, B)``; ``keep_ratio=r``: ``n_kept_for(t + 1, r)`` (per token).
+    ``keep_ratio=r, prune_after=P``: the reference code's bursts (``l2compress`` ``cache.l2_compress``
+    after every token): a layer holding ``L >= P`` entries drops to ``ceil(r * L)``, below ``P``
+    nothing goes, so the cache saw-tooths between about ``r * P`` and ``P`` and ``r`` is not the
+    fraction kept (see ``mean_kept_fraction``)."""
     if (keep_ratio is None) == (max_cache is None):
         raise ValueError(f"keep_ratio={keep_ratio!r}, max_cache={max_cache!r}: give exactly one budget")
     steps = torch.arange(1, n + 1)
     if max_cache is not None:
+        _require(prune_after is None, "prune_after", prune_after, "None with max_cache (bursts take keep_ratio)")
         _positive_int("max_cache", max_cache)
         return steps.clamp(max=max_cache)
     keep_ratio = _check_keep_ratio(keep_ratio)
+    if prune_after is not None:
+        _positive_int("prune_after", prune_after)
+        lengths, length = [], 0
+        for _ in range(n):
+            length += 1
+            if length >= prune_after and keep_ratio < 1:
+                length = math.ceil(keep_ratio * length)
+            lengths.append(length)
+        return torch.tensor(lengths)
     return (steps.double() * (1 - (1 - keep_ratio))).long().clamp(min=1) if keep_ratio < 1 else steps
 
 
-def eviction_steps(scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+def eviction_steps(scores: torch.Tensor, budget: torch.Tensor, recent_window: int = 0) -> torch.Tensor:
     """For scores ``(H, n)`` fixed once each token exists: the step at which each token is evicted
     (``n`` if never), simulating "after adding token t, evict the lowest scores until ``budget[t]``
-    remain" with one heap per head, O(n log n)."""
+    remain" with one heap per head, O(n log n). The ``recent_window`` newest tokens are evicted
+    only when the budget is smaller than the window, oldest first (``_protect_recent``)."""
     import heapq
+    from collections import deque
 
     n_heads, n = scores.shape
     rows = scores.detach().double().cpu().tolist()
@@ -1156,12 +1134,24 @@ def eviction_steps(scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     out = [[n] * n for _ in range(n_heads)]
     for h in range(n_heads):
         heap: list[tuple[float, int]] = []
+        window: deque[int] = deque()
         row, evict = rows[h], out[h]
         for t in range(n):
-            heapq.heappush(heap, (row[t], t))
-            while len(heap) > caps[t]:
-                evict[heapq.heappop(heap)[1]] = t
+            window.append(t)
+            while window and window[0] <= t - recent_window:   # out of the window: ranked by score
+                j = window.popleft()
+                heapq.heappush(heap, (row[j], j))
+            while len(heap) + len(window) > caps[t]:
+                evict[heapq.heappop(heap)[1] if heap else window.popleft()] = t
     return torch.tensor(out, dtype=torch.long)
+
+
+def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int, recent_window: int) -> torch.Tensor:
+    """``scores`` with the ``recent_window`` newest tokens (position > ``newest - recent_window``)
+    ranked above every other; among them the tie rule keeps the newest."""
+    if not recent_window:
+        return scores
+    return torch.where(positions > newest - recent_window, torch.full_like(scores, float("inf")), scores)
 
 
 @torch.inference_mode()
@@ -1253,17 +1243,14 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
         else:
             positions = torch.arange(n, device=key.device).expand(1, key.shape[1], n)
             scores = score_fn(LayerKV(key, key, positions, layer_idx), opts)[0]
-            evict = eviction_steps(scores, budget)
+            evict = eviction_steps(scores, budget, cfg.recent_window)
         evictions[layer_idx] = evict
         return streaming_mask(evict.to(key.device), model.config.num_attention_heads // key.shape[1])
 
     any_compressed = len(skip) < _n_layers(model)
     position_ids = _query_positions(budget, cfg.position_mode, any_compressed)[None].to(model.device)
-    token = _MASK_FN.set(mask_fn)
-    try:
+    with _using(_MASK_FN, mask_fn):
         logits = model(input_ids=ids.to(model.device), position_ids=position_ids, use_cache=False).logits[0]
-    finally:
-        _MASK_FN.reset(token)
     return logits, evictions
 
 
@@ -1293,14 +1280,9 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
         prev = mass[layer_idx]
         mass[layer_idx] = received if prev is None else torch.cat([prev, prev.new_zeros(*prev.shape[:2], 1)], -1) + received
 
-    recorder_token = _ATTN_RECORDER.set(record if cfg.policy in DYNAMIC_POLICIES else None)
     logits, next_position = [], 0
-    steps: Iterable[int] = range(n)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="streaming (sequential)", mininterval=10)
-    try:
-        for t in steps:
+    with recording_attention(record if cfg.policy in DYNAMIC_POLICIES else None):
+        for t in _progress(range(n), "streaming (sequential)", progress):
             position = t if cfg.position_mode == "absolute" or not any_compressed else next_position
             out = model(input_ids=ids[:, t:t + 1].to(model.device), past_key_values=cache, use_cache=True,
                         position_ids=torch.tensor([[position]], device=model.device))
@@ -1317,7 +1299,7 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
                 if i in skip or layer.keys.shape[2] <= n_keep:
                     continue
                 kv = LayerKV(layer.keys, layer.values, pos[i], i, attention_mass=mass[i], budget=n_keep)
-                idx = keep_indices(score_fn(kv, opts), pos[i], n_keep)
+                idx = keep_indices(_protect_recent(score_fn(kv, opts), pos[i], t, cfg.recent_window), pos[i], n_keep)
                 kept = torch.zeros(pos[i].shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
                 ev = evictions.setdefault(i, torch.full((h, n), n, dtype=torch.long))
                 gone = pos[i][~kept].view(b, h, -1)[0].cpu()
@@ -1332,26 +1314,27 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
             next_position = min(lengths)
             if rerotate:
                 for i, layer in enumerate(cache.layers):
-                    s = lengths[i]
-                    slots = torch.arange(s, device=layer.keys.device).expand_as(base_rot[i]) + (next_position - s)
-                    layer.keys = _rotate(base_keys[i], slots - base_rot[i], model)
-    finally:
-        _ATTN_RECORDER.reset(recorder_token)
+                    layer.keys = _to_slots(base_keys[i], base_rot[i], next_position, model)[0]
     return torch.stack(logits), evictions
 
 
 def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", keep_ratio: float | None = None,
                   max_cache: int | None = None, skip_layers: Sequence[int] = (0, 1), engine: Engine | None = None,
                   order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
-                  n_sink: int = 4, progress: bool = False, reference_logits: torch.Tensor | None = None,
+                  n_sink: int = 4, prune_after: int | None = None, recent_window: int = 0, progress: bool = False,
+                  reference_logits: torch.Tensor | None = None,
                   evict_override: dict[int, torch.Tensor] | None = None) -> EvalResult:
     """Streaming protocol: every token is scored while the cache is compressed as it grows.
 
     Semantics (both engines): token ``t`` is fed at its position; its query attends to the set
     retained after step ``t-1`` plus itself; then each non-skipped layer keeps, per KV head, the
     ``budget[t]`` best-scored tokens (``max_cache=B``: ``min(t+1, B)``; ``keep_ratio=r``:
-    ``n_kept_for(t+1, r)``, i.e. floor, where the paper's code uses ceil). Any token may go,
-    including the one just added (as in the paper's code).
+    ``n_kept_for(t+1, r)``, i.e. floor; ``keep_ratio=r, prune_after=P``: the reference code's
+    bursts, see ``budget_schedule``). Any token may go, including the one just added (as in the
+    paper's code), except that ``recent_window=w`` (score-fixed policies) keeps the ``w`` newest.
+    ``.meta["mean_kept_fraction"]``: the mean over steps of (tokens a compressed layer holds /
+    tokens seen), the effective compression to compare schedules at; ``"mean_cache_fraction"`` the
+    same over all layers (skipped ones hold everything); ``"final_cache_len"``: ``budget[n-1]``.
 
     ``engine="one_pass"`` (default where it applies): the whole text is scored in ONE forward with a
     per-layer mask. For policies whose score is fixed once the key exists (knorm, high_norm, random,
@@ -1375,13 +1358,18 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     skip = tuple(sorted(_check_skip_layers(skip_layers, _n_layers(model))))
     _check_choice("order", order, ORDERS)
     _check_choice("position_mode", position_mode, POSITION_MODES)
-    budget = budget_schedule(n, keep_ratio, max_cache)
+    budget = budget_schedule(n, keep_ratio, max_cache, prune_after)
+    _require(isinstance(recent_window, int) and not isinstance(recent_window, bool) and recent_window >= 0,
+             "recent_window", recent_window, "an int >= 0")
+    _require(not recent_window or policy not in DYNAMIC_POLICIES, "recent_window", recent_window,
+             f"0 with policy={policy!r} (dynamic policies keep their own recent tokens)")
     if engine is None:
         engine = "one_pass" if position_mode != "rerotated" else "sequential"
     _check_choice("engine", engine, ("sequential", "one_pass"))
     if engine == "one_pass" and position_mode == "rerotated":
         raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
-    cfg = StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink)
+    cfg = StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink,
+                          prune_after, recent_window)
     nothing_evicted = bool((budget == torch.arange(1, n + 1)).all())
     if nothing_evicted and reference_logits is not None and evict_override is None:
         logits, evictions = reference_logits, {}   # the uncompressed model's forward, already computed
@@ -1394,790 +1382,18 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     kv_bytes_per_token = 2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()
     lengths = [n if i in skip else int(budget[-1]) for i in range(_n_layers(model))]
     n_kept = n if len(skip) == _n_layers(model) else int(budget[-1])
+    kept_fraction = (budget.double() / torch.arange(1, n + 1)).mean().item()
+    compressed = 1 - len(skip) / _n_layers(model)
+    meta = {"protocol": "streaming", "n_tokens": n, "final_cache_len": n_kept,
+            "mean_kept_fraction": kept_fraction if compressed else 1.0,
+            "mean_cache_fraction": compressed * kept_fraction + (1 - compressed)}
     return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, 0,
-                      sum(lengths) * kv_bytes_per_token, meta={"protocol": "streaming", "n_tokens": n},
-                      evictions=evictions)
-
-
-@torch.inference_mode()
-def full_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``(n, vocab)`` of the uncompressed model (the reference for KL and agreement)."""
-    return model(input_ids=_check_ids(input_ids).to(model.device), use_cache=False).logits[0]
+                      sum(lengths) * kv_bytes_per_token, meta=meta, evictions=evictions)
 
 
 def streaming_sweep(model: Any, input_ids: torch.Tensor, configs: Sequence[dict[str, Any]],
                     progress: bool = False) -> list[EvalResult]:
     """``streaming_ppl`` for each configuration (keyword dicts), sharing one reference forward."""
     reference = full_logits(model, input_ids)
-    iterator: Iterable[dict[str, Any]] = configs
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(configs, desc="streaming configurations", mininterval=10)
-    return [streaming_ppl(model, input_ids, reference_logits=reference, **cfg) for cfg in iterator]
-
-
-def _head_dim(model: Any) -> int:
-    cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-# ----------------------------------------------------------------------------------------------
-# 5c. Attention analysis (why KnormPress works: low key norm <-> high attention)
-# ----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _recording(fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    token = _ATTN_RECORDER.set(fn)
-    try:
-        yield
-    finally:
-        _ATTN_RECORDER.reset(token)
-
-
-@torch.inference_mode()
-def attention_received(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean attention each key receives, float32, ``(layers, H_kv, positions)``.
-
-    Causal normalisation: key ``j`` is visible to the ``n - j`` queries ``j..n-1`` only, so a plain
-    sum favours early keys merely because more queries see them; the sum is divided by ``n - j``
-    (the mean over the queries that can see the key). Query heads sharing a KV head are averaged."""
-    ids = _check_ids(input_ids).to(model.device)
-    n, n_kv = ids.shape[1], model.config.num_key_value_heads
-    groups = model.config.num_attention_heads // n_kv
-    per_layer: dict[int, torch.Tensor] = {}
-
-    def record(layer_idx: int, probs: torch.Tensor) -> None:
-        per_layer[layer_idx] = _per_kv_head(probs.sum(2), n_kv)[0].float() / groups
-
-    with _recording(record):
-        model(input_ids=ids, use_cache=False)
-    seen_by = torch.arange(n, 0, -1, device=ids.device, dtype=torch.float32)
-    return torch.stack([per_layer[i] for i in sorted(per_layer)]) / seen_by
-
-
-@torch.inference_mode()
-def future_attention(model: Any, input_ids: torch.Tensor, context_len: int) -> tuple[torch.Tensor, KVCache]:
-    """Mean attention that the continuation's queries (positions ``context_len..n-1``) pay to each
-    context key, ``(layers, H_kv, context_len)`` float32 (query heads of a group averaged), and the
-    context's cache (the keys a policy would score after prefilling the context)."""
-    ids = _check_ids(input_ids).to(model.device)
-    _check_context_len(context_len, ids.shape[1])
-    n_kv = model.config.num_key_value_heads
-    groups = model.config.num_attention_heads // n_kv
-    per_layer: dict[int, torch.Tensor] = {}
-
-    def record(layer_idx: int, probs: torch.Tensor) -> None:
-        future = probs[:, :, context_len:, :context_len].mean(2)
-        per_layer[layer_idx] = _per_kv_head(future, n_kv)[0].float() / groups
-
-    with _recording(record):
-        model(input_ids=ids, use_cache=False)
-    return torch.stack([per_layer[i] for i in sorted(per_layer)]), prefill(model, ids[:, :context_len]).cache
-
-
-def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratios: Sequence[float],
-                        policies: Sequence[str] = ("knorm", "random", "high_norm"),
-                        options: PolicyOptions = PolicyOptions()) -> list[dict[str, Any]]:
-    """Fraction of the continuation queries' attention that falls on context keys a policy evicts,
-    per layer, KV head, policy and keep_ratio. ``"oracle"`` evicts the least-attended keys (by the
-    same future attention): the smallest loss any policy evicting that many keys can reach."""
-    future, cache = future_attention(model, input_ids, context_len)
-    rows = []
-    for policy in [*policies, "oracle"]:
-        scores = ([f[None] for f in future] if policy == "oracle" else policy_scores(cache, policy, options))
-        for keep_ratio in keep_ratios:
-            n_kept = n_kept_for(context_len, keep_ratio)
-            for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
-                positions = torch.arange(attn.shape[-1]).expand_as(attn)
-                kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(
-                    -1, keep_indices(layer_scores[0], positions, n_kept), True)
-                lost = (attn * ~kept).sum(-1)
-                for head in range(attn.shape[0]):
-                    rows.append({"policy": policy, "keep_ratio": keep_ratio, "layer": layer, "kv_head": head,
-                                 "mass_lost": lost[head].item(), "mass_on_context": attn[head].sum().item()})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# 5d. Interactive explorer (00_explore): prefill once per text, re-compress per slider move
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class ExplorerView:
-    """Everything 00_explore displays for one setting."""
-    tokens: list[str]              # decoded context tokens
-    kept: list[bool]               # per context token: kept in the chosen layer / KV head
-    norms: torch.Tensor            # (H_kv, context_len) key norms of the chosen layer
-    result: EvalResult             # PPL, accuracy, KL against the full cache on the scored part
-    continuation: str              # greedy continuation from the compressed cache
-    reference_continuation: str    # ... and from the full cache
-    agreement: dict[str, float]
-    seconds: float
-
-
-class Explorer:
-    """Holds one text's prefill so that each setting only re-compresses and re-scores.
-
-    The first ``1 - score_fraction`` of the tokens is the context that gets compressed; the rest
-    is scored teacher-forced (prefill protocol) and the continuation is generated after the context."""
-
-    KEEP_RATIO_STEP = 0.05   # the keep_ratio slider's grid (0.05 .. 1.0)
-
-    @staticmethod
-    def check_setting(model: Any, keep_ratio: float, policy: str, skip_layers: Sequence[int],
-                      position_mode: str, layer: int, kv_head: int, max_tokens: int) -> None:
-        """Every explorer parameter against the model and the controls, before any prefill: a
-        value the widgets would clamp or reject is an error naming the parameter."""
-        EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), "original",
-                   position_mode).validate(_n_layers(model))
-        step = Explorer.KEEP_RATIO_STEP
-        _require(abs(keep_ratio / step - round(keep_ratio / step)) < 1e-9, "keep_ratio", keep_ratio,
-                 f"on the slider's grid: a multiple of {step} in [{step}, 1]")
-        _check_prefill_policy("policy", policy)
-        _require(isinstance(layer, int) and 0 <= layer < _n_layers(model), "layer", layer,
-                 f"a layer index 0..{_n_layers(model) - 1}")
-        n_kv = model.config.num_key_value_heads
-        _require(isinstance(kv_head, int) and 0 <= kv_head < n_kv, "kv_head", kv_head, f"a KV head 0..{n_kv - 1}")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        _positive_int("max_tokens", max_tokens)
-        _require(limit is None or max_tokens <= limit, "max_tokens", max_tokens,
-                 f"at most the model's {limit} positions")
-
-    def __init__(self, model: Any, tokenizer: Any, text: str, max_tokens: int = 512,
-                 score_fraction: float = 0.25, n_generate: int = 24) -> None:
-        if not 0 < score_fraction < 1:
-            raise ValueError(f"score_fraction={score_fraction!r}: must be in (0, 1)")
-        self.model, self.tokenizer, self.n_generate = model, tokenizer, n_generate
-        self.ids = encode(tokenizer, text, max_tokens)
-        n = self.ids.shape[1]
-        if n < 8:
-            raise ValueError(f"text: {n} tokens; the explorer needs at least 8")
-        self.context_len = max(2, min(n - 2, round(n * (1 - score_fraction))))
-        self.pre = prefill(model, self.ids[:, :self.context_len], capture_hidden=True)
-        self.new_ids = self.ids[:, self.context_len:-1]
-        self.targets = self.ids[0, self.context_len + 1:].to(model.device)
-        self.ref_logits = continuation_logits(model, self.pre.cache, self.new_ids)
-        self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
-        self.reference_ids = generate_greedy(model, self.ids[:, :self.context_len], n_generate, pre=self.pre)
-        self._scores: dict[tuple, list] = {}
-
-    def view(self, keep_ratio: float, policy: str = "knorm", skip_layers: Sequence[int] = (0, 1),
-             position_mode: PositionMode = "absolute", layer: int = 2, kv_head: int = 0,
-             order: Order = "original") -> ExplorerView:
-        t0 = time.perf_counter()
-        cfg = EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode)
-        cfg.validate(_n_layers(self.model))
-        if not 0 <= layer < _n_layers(self.model):
-            raise ValueError(f"layer={layer}: outside 0..{_n_layers(self.model) - 1}")
-        if not 0 <= kv_head < self.pre.cache.keys[0].shape[1]:
-            raise ValueError(f"kv_head={kv_head}: outside 0..{self.pre.cache.keys[0].shape[1] - 1}")
-        key = (policy,)
-        if key not in self._scores:
-            self._scores[key] = policy_scores(self.pre.cache, policy, PolicyOptions(), self.pre.layer_inputs)
-        cache = compress_cache(self.pre.cache, keep_ratio, policy, skip_layers, order, scores=self._scores[key])
-        logits = continuation_logits(self.model, cache, self.new_ids, position_mode)
-        m = token_metrics(logits, self.targets, self.ref_logits)
-        result = EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"],
-                            _n_kept_reported(self.context_len, keep_ratio, skip_layers, self.model),
-                            self.context_len, cache.nbytes())
-        kept = torch.zeros(self.context_len, dtype=torch.bool)
-        kept[cache.positions[layer][0, kv_head].cpu()] = True
-        generated = generate_greedy(self.model, self.ids[:, :self.context_len], self.n_generate, keep_ratio, policy,
-                                    skip_layers, order, position_mode, pre=self.pre)
-        return ExplorerView(self.tokens, kept.tolist(), _norms(self.pre.cache.keys[layer])[0].cpu(), result,
-                            self.tokenizer.decode(generated), self.tokenizer.decode(self.reference_ids),
-                            generation_agreement(generated, self.reference_ids), time.perf_counter() - t0)
-
-
-def norm_strip_html(norms: torch.Tensor, title: str = "") -> str:
-    """Key norms ``(H_kv, positions)`` as rows of coloured cells (viridis, min to max), one row
-    per KV head: plain HTML, so it renders the same in widgets, notebooks and browsers."""
-    from matplotlib import colormaps
-
-    lo, hi = float(norms.min()), float(norms.max())
-    cmap = colormaps["viridis"]
-    rows = []
-    for head, row in enumerate(norms.tolist()):
-        cells = "".join(
-            '<span title="{:.2f}" style="flex:1;height:14px;background:#{:02x}{:02x}{:02x}"></span>'.format(
-                v, *(int(255 * c) for c in cmap((v - lo) / (hi - lo + 1e-12))[:3])) for v in row)
-        rows.append(f'<div style="display:flex;align-items:center"><span style="width:70px">KV head {head}</span>'
-                    f'<div style="display:flex;flex:1">{cells}</div></div>')
-    legend = f"<small>key L2 norm per context position: dark {lo:.1f} … bright {hi:.1f}</small>"
-    return f'<div class="norm-strip"><b>{title}</b>{"".join(rows)}{legend}</div>'
-
-
-def highlight_html(tokens: Sequence[str], kept: Sequence[bool]) -> str:
-    """The context as HTML, kept tokens highlighted (``class="kept"``), evicted ones struck through."""
-    import html as _html
-
-    spans = []
-    for tok, keep in zip(tokens, kept):
-        text = _html.escape(tok).replace("\n", "↵<br>")
-        cls, style = ("kept", "background:#c7e9c0") if keep else ("evicted", "color:#999;text-decoration:line-through")
-        spans.append(f'<span class="{cls}" style="{style}">{text}</span>')
-    return '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">' + "".join(spans) + "</div>"
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Metrics
-# ----------------------------------------------------------------------------------------------
-
-def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor,
-                  chunk: int = 32) -> dict[str, torch.Tensor]:
-    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
-
-    Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
-    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass)."""
-    dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
-    parts: dict[str, list[torch.Tensor]] = {"nll": [], "correct": [], "kl": [], "top1_agree": []}
-    for start in range(0, logits.shape[0], chunk):
-        x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)
-        tgt = targets[start:start + chunk].view(-1, 1)
-        lse, ref_lse = x.logsumexp(-1), ref.logsumexp(-1)
-        ref_p = (ref - ref_lse[:, None]).exp_()
-        kl = torch.linalg.vecdot(ref_p, ref) - torch.linalg.vecdot(ref_p, x) - ref_lse + lse
-        pred = x.argmax(-1)
-        parts["nll"].append((lse - x.gather(-1, tgt).squeeze(-1)).cpu())
-        parts["kl"].append(kl.clamp_min(0.0).cpu())
-        parts["correct"].append((pred == tgt.squeeze(-1)).cpu())
-        parts["top1_agree"].append((pred == ref.argmax(-1)).cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def keep_ratio_thresholds(rows: Sequence[dict[str, Any]], by: Sequence[str], tolerances: Sequence[float] = (0.01, 0.05),
-                          metric: str = "ppl") -> Any:
-    """Per ``by`` group: the smallest keep_ratio whose ``metric`` stays within each tolerance of the
-    full cache (keep_ratio 1.0), where "within" means the mean over documents of
-    ``metric / metric at 1.0`` is at most ``1 + tolerance`` at that keep_ratio *and at every larger
-    one measured* (so a lucky dip below the line does not count). ``None`` where even the largest
-    compressed keep_ratio fails. Rows need ``document``, ``keep_ratio`` and ``metric``; each group
-    needs its own keep_ratio 1.0 rows."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    missing = {"document", "keep_ratio", metric, *by} - set(df.columns)
-    if missing:
-        raise ValueError(f"rows: missing column(s) {sorted(missing)}")
-    for tol in tolerances:
-        _require(isinstance(tol, numbers.Real) and tol >= 0, "tolerances", tolerances, "non-negative numbers")
-    out = []
-    for key, group in df.groupby(list(by), sort=False):
-        full = group[group.keep_ratio == 1.0].set_index("document")[metric]
-        if full.empty:
-            raise ValueError(f"rows: group {key} has no keep_ratio 1.0 rows to compare with")
-        rel = (group.assign(rel=group[metric] / group.document.map(full))
-               .groupby("keep_ratio").rel.mean().sort_index(ascending=False))
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        for tol in tolerances:
-            smallest = None
-            for keep_ratio, ratio in rel.items():
-                if ratio > 1 + tol:
-                    break
-                smallest = keep_ratio
-            row[f"within_{tol:g}"] = None if smallest == 1.0 else smallest
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Matching-prefix length and per-position token agreement of two greedy generations."""
-    n = min(len(generated), len(reference))
-    same = (generated[:n] == reference[:n])
-    mismatch = (~same).nonzero()
-    prefix = int(mismatch[0]) if len(mismatch) else n
-    return {"matching_prefix": prefix, "token_agreement": same.float().mean().item() if n else float("nan")}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (default 95 %) for a success rate of ``successes`` out of ``n``."""
-    _positive_int("n", n)
-    if not isinstance(successes, numbers.Integral) or not 0 <= successes <= n:
-        raise ValueError(f"successes={successes!r}: must be an int in 0 .. n={n}")
-    p, z2 = successes / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> Any:
-    """Mean, 95 % t-interval half-width, min, max and count of ``metrics`` over the rows of each
-    ``by`` group (rows are usually one per document), as a pandas DataFrame."""
-    import pandas as pd
-    from scipy import stats
-
-    df = pd.DataFrame(rows)
-    df = df.assign(**{k: df[k].map(lambda v: tuple(v) if isinstance(v, list) else v) for k in by})
-    out = []
-    for key, group in df.groupby(list(by), sort=False, dropna=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        for m in metrics:
-            vals = group[m].astype(float)
-            n = len(vals)
-            half = float(stats.t.ppf(0.975, n - 1) * vals.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-            row.update({m: vals.mean(), f"{m}_ci95": half, f"{m}_min": vals.min(), f"{m}_max": vals.max()})
-        row["n_docs"] = len(group)
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Timing
-# ----------------------------------------------------------------------------------------------
-
-def machine_info() -> dict[str, Any]:
-    """What ran this: for every recorded result and benchmark line."""
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; median and spread in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1], "times_s": times}
-
-
-PROFILES: tuple[str, ...] = ("quick", "full", "large")
-
-
-def _positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}={v!r}: must be a positive int")
-
-
-def _check_list(name: str, v: Any, check: Callable[[Any], None]) -> None:
-    if not isinstance(v, (list, tuple)) or not v:
-        raise ValueError(f"{name}={v!r}: must be a non-empty list")
-    for item in v:
-        check(item)
-
-
-def _require(ok: bool, name: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: must be {what}")
-
-
-def _check_prefill_policy(name: str, policy: Any) -> None:
-    resolve_policy(policy)
-    _require(policy not in DYNAMIC_POLICIES, name, policy,
-             "a policy whose score is fixed once the key exists; h2o is dynamic: streaming protocol only")
-
-
-PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
-    "profile": lambda n, v: _check_choice(n, v, PROFILES),
-    "model_name": lambda n, v: _require(v is None or isinstance(v, str), n, v,
-                                        "None (embedded model) or a Hugging Face id / local path"),
-    "device": lambda n, v: _require(isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto"), n, v,
-                                    "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
-    "keep_ratios": lambda n, v: _check_list(n, v, lambda r: _check_keep_ratio(r)),
-    "policies": lambda n, v: _check_list(n, v, lambda p: _check_prefill_policy(n, p)),
-    "streaming_policies": lambda n, v: _check_list(n, v, lambda p: _check_choice(n, p, tuple(POLICIES))),
-    "corpora": lambda n, v: _check_list(n, v, lambda c: _check_choice(n, c, CORPORA)),
-    "position_modes": lambda n, v: _check_list(n, v, lambda m: _check_choice(n, m, POSITION_MODES)),
-    "orders": lambda n, v: _check_list(n, v, lambda o: _check_choice(n, o, ORDERS)),
-    "keep_ratio": lambda n, v: _check_keep_ratio(v) and None,
-    "policy": _check_prefill_policy,
-    "skip_layers": lambda n, v: _require(isinstance(v, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in v),
-                                         n, v, "a list of layer indices"),
-    "position_mode": lambda n, v: _check_choice(n, v, POSITION_MODES),
-    "text": lambda n, v: _require(v is None or (isinstance(v, str) and bool(v.strip())), n, v,
-                                  "None (a wiki article) or non-empty text"),
-}
-
-
-def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: dict[str, Any]) -> dict[str, Any]:
-    """Validate a notebook's parameters; return them as a dict.
-
-    ``before``: a copy of the globals before the ``parameters`` cell (``dict(globals())``);
-    ``declared``: the names at its end. Papermill injects overrides in a cell after it and only
-    *warns* on unknown names, so a new global that the parameters cell did not declare, or a
-    rebinding of a name defined before it (an import such as ``stats``), is an error here. Names
-    starting with ``_`` are IPython's or the notebook's plumbing, never parameters. Known names get
-    the checks in ``PARAMETER_CHECKS``; ints named ``n_*``, ``*_len`` or ``*_tokens`` must be positive."""
-    names = sorted(n for n in declared - set(before) if not n.startswith("_"))
-    unknown = sorted(n for n in set(namespace) - declared if not n.startswith("_"))
-    rebound = sorted(n for n, v in before.items() if not n.startswith("_") and namespace.get(n, v) is not v)
-    if unknown or rebound:
-        raise ValueError(f"unknown parameter(s) {unknown + rebound}: this notebook accepts {names}")
-    params = {n: namespace[n] for n in names}
-    for name, value in params.items():
-        if name in PARAMETER_CHECKS:
-            PARAMETER_CHECKS[name](name, value)
-        elif (name.startswith("n_") or name.endswith("_len") or name.endswith("_tokens")) and value is not None:
-            _positive_int(name, value)  # None: take the profile's default
-    return params
-
-
-def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
-                   model: Any | None = None) -> Path:
-    """Write ``<RESULTS_DIR>/<notebook>/<profile>.json`` atomically, with what produced it, then
-    publish the figures this process saved for the notebook: a run that fails before recording
-    its results leaves no figure behind."""
-    import hashlib
-
-    identity: dict[str, Any] = {"knorm_lib_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-                                "corpora_sha256": {p.stem: file_sha256(p) for p in sorted(_VERIFIED_CORPORA)}}
-    if model is not None:
-        identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
-                        n_layers=_n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
-    path = RESULTS_DIR / notebook / f"{profile}.json"
-    write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
-                             "identity": identity, "machine": machine_info(),
-                             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
-    for pending, final in _PENDING_FIGURES.pop(notebook, {}).items():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(pending, final)   # a rename within one file system
-    return path
-
-
-_PENDING_FIGURES: dict[str, dict[Path, Path]] = {}   # notebook -> {staged file: final path}
-
-
-def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: int = 150) -> Path:
-    """Save a matplotlib figure as PNG (>= 150 dpi) for ``<FIGURES_DIR>/<notebook>/<name>.png``
-    (default ``build/figures/<profile>/``; `make report` points it at the committed ``figures/``).
-    The file is staged under ``build/`` and only moved there by ``record_results``. Returns the
-    final path."""
-    base = FIGURES_DIR if FIGURES_DIR is not None else PROJECT_ROOT / "build" / "figures" / profile
-    path = base / notebook / f"{name}.png"
-    staged = PROJECT_ROOT / "build" / "staged-figures" / str(os.getpid()) / notebook / f"{name}.png"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(staged, dpi=max(dpi, 150), bbox_inches="tight")
-    _PENDING_FIGURES.setdefault(notebook, {})[staged] = path
-    return path
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinities become ``null`` (they are not JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temporary file and ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
-    except RecursionError as err:
-        raise ValueError("obj: circular or too deeply nested to write as JSON") from err
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# Speed study (06_speed_tradeoffs): exact bytes, peak memory, timed decode, machine rates, cold starts
-
-def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters, each shared tensor (tied embeddings) counted once:
-    what one decode step must stream from memory besides the KV cache."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc/self/statm``; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _malloc_trim() -> None:
-    """glibc only: return free heap memory to the OS (otherwise freed memory stays resident)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_memory(fn: Callable[[], Any], interval_s: float = 0.005, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Run ``fn`` once; return its result and the peak memory while it ran.
-
-    CPU: resident memory sampled every ``interval_s`` by a background thread (short spikes between
-    samples can be missed; on glibc, free heap memory is trimmed first so that the resident set
-    tracks live memory). CUDA: the allocator's exact peak.
-    ``increase_bytes`` is the peak above the memory held just before the call."""
-    import threading
-
-    if not isinstance(interval_s, numbers.Real) or not interval_s > 0:
-        raise ValueError(f"interval_s={interval_s!r}: must be a positive number of seconds")
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return result, {"kind": "cuda_allocated", "baseline_bytes": base, "peak_bytes": peak,
-                        "increase_bytes": peak - base}
-    _malloc_trim()  # hand freed heap pages back first, so the resident set tracks live memory
-    base = rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(interval_s):
-            peak[0] = max(peak[0], rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        thread.join()
-    peak[0] = max(peak[0], rss_bytes())
-    return result, {"kind": "rss", "baseline_bytes": base, "peak_bytes": peak[0], "increase_bytes": peak[0] - base}
-
-
-def _sync(device: Any) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.inference_mode()
-def timed_decode(model: Any, cache: KVCache, first_token: torch.Tensor, n_tokens: int, warmup: int = 2,
-                 position_mode: PositionMode = "absolute") -> dict[str, Any]:
-    """Greedy decoding of ``n_tokens`` tokens after ``first_token`` on ``cache``, one forward per
-    token, each step timed (device synchronised). The first ``warmup`` steps are run but not
-    reported. New tokens are numbered exactly as in ``generate_greedy`` (true positions under
-    ``absolute``); ``cache`` itself is never modified. Returns per-step seconds, their median
-    (TPOT) and the tokens generated."""
-    _positive_int("n_tokens", n_tokens)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"warmup={warmup!r}: must be an int >= 0")
-    cache, position = _numbered(cache, model, position_mode)
-    token = first_token.to(model.device).view(1, 1)
-    dyn = cache.to_transformers()
-    times, tokens = [], []
-    for _ in range(warmup + n_tokens):
-        _sync(model.device)
-        t0 = time.perf_counter()
-        token = _greedy_step(model, dyn, token, position)
-        _sync(model.device)
-        times.append(time.perf_counter() - t0)
-        tokens.append(token)
-        position += 1
-    steps = times[warmup:]
-    ordered = sorted(steps)
-    return {"step_s": steps, "warmup_step_s": times[:warmup], "median_s": ordered[len(ordered) // 2],
-            "q25_s": ordered[len(ordered) // 4], "q75_s": ordered[(3 * len(ordered)) // 4],
-            "min_s": ordered[0], "max_s": ordered[-1], "tokens": torch.cat(tokens, dim=1)[0].cpu().tolist()}
-
-
-@torch.inference_mode()
-def time_ttft(model: Any, input_ids: torch.Tensor, keep_ratios: Sequence[float], policies: Sequence[str] = ("knorm",),
-              skip_layers: Sequence[int] = (0, 1), repeats: int = 5, warmup: int = 1) -> tuple[dict[str, Any], Prefill]:
-    """Time-to-first-token pieces for one context: each repeat runs one prefill (the first token is
-    the argmax of its last logits) and then compresses that same cache under every
-    (policy, keep_ratio); TTFT of a configuration in a repeat = that prefill + that compression.
-    ``keep_ratio`` 1.0 means no compression (0 s). ``warmup`` untimed prefills run first; the first
-    of them is watched by ``peak_memory``. Returns the timings (seconds per repeat) and the last prefill."""
-    _positive_int("repeats", repeats)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"warmup={warmup!r}: must be an int >= 0")
-    ratios = [_check_keep_ratio(r) for r in keep_ratios]
-    if not ratios or not policies:
-        raise ValueError("keep_ratios, policies: need at least one of each")
-    for p in policies:
-        resolve_policy(p)
-    input_ids = _check_ids(input_ids).to(model.device)
-    device = model.device
-    pre, memory = peak_memory(lambda: prefill(model, input_ids), device=str(device)) if warmup else (None, None)
-    for _ in range(max(warmup - 1, 0)):
-        pre = prefill(model, input_ids)
-    prefill_s: list[float] = []
-    compress_s: dict[str, list[float]] = {f"{p}@{r}": [] for p in policies for r in ratios}
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        pre = prefill(model, input_ids)
-        pre.last_logits.argmax(-1).item()
-        _sync(device)
-        prefill_s.append(time.perf_counter() - t0)
-        for p in policies:
-            for r in ratios:
-                if r == 1.0:
-                    compress_s[f"{p}@{r}"].append(0.0)
-                    continue
-                _sync(device)
-                t0 = time.perf_counter()
-                compress_cache(pre.cache, r, p, skip_layers)
-                _sync(device)
-                compress_s[f"{p}@{r}"].append(time.perf_counter() - t0)
-    ttft_s = {k: [a + b for a, b in zip(prefill_s, v)] for k, v in compress_s.items()}
-    return {"n_tokens": int(input_ids.shape[1]), "prefill_s": prefill_s, "compress_s": compress_s, "ttft_s": ttft_s,
-            "prefill_peak_memory": memory}, pre
-
-
-def memory_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
-    """This machine's memory bandwidth (bytes/s, median over ``repeats`` after one warm-up) three
-    ways, on float32 buffers of ``n_bytes`` (far larger than a CPU cache): ``read`` (a sum),
-    ``copy`` (read + write counted) and ``gemv`` (a matrix-vector product streaming the matrix,
-    which is what a decode step does with every weight)."""
-    _positive_int("n_bytes", n_bytes)
-    _positive_int("repeats", repeats)
-    n = n_bytes // 4
-    cols = 4096
-    x = torch.rand(n, device=device)
-    y = torch.empty_like(x)
-    w = x[: (n // cols) * cols].view(-1, cols)
-    v = torch.rand(cols, device=device)
-    out: dict[str, Any] = {"n_bytes": n * 4}
-    for name, fn, moved in [("read", lambda: x.sum(), n * 4), ("copy", lambda: y.copy_(x), 2 * n * 4),
-                            ("gemv", lambda: w @ v, w.numel() * 4)]:
-        t = timed(lambda: (fn(), _sync(device)), repeats=repeats, warmup=1)
-        out[f"{name}_bytes_per_s"] = moved / t["median_s"]
-        out[f"{name}_s"] = t["times_s"]
-    return out
-
-
-def matmul_rate(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Arithmetic rate of an ``n x n`` matrix product (FLOP/s = 2 n^3 / median time), after one warm-up."""
-    _positive_int("n", n)
-    _positive_int("repeats", repeats)
-    a = torch.rand(n, n, device=device, dtype=dtype)
-    b = torch.rand(n, n, device=device, dtype=dtype)
-    t = timed(lambda: (a @ b, _sync(device)), repeats=repeats, warmup=1)
-    return {"n": n, "dtype": str(dtype), "flop_per_s": 2 * n**3 / t["median_s"], "times_s": t["times_s"]}
-
-
-def op_profile(fn: Callable[[], Any], top: int = 10) -> list[dict[str, Any]]:
-    """Run ``fn`` under ``torch.profiler``; the ``top`` operators by self CPU time, with their
-    share of the profiled wall time and call counts (where a decode step's time goes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _positive_int("top", top)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    wall = time.perf_counter() - t0
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
-             "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in events[:top]]
-
-
-@torch.inference_mode()
-def decode_profile(model: Any, cache: KVCache, first_token: torch.Tensor, n_steps: int = 3, top: int = 10,
-                   position_mode: PositionMode = "absolute") -> list[dict[str, Any]]:
-    """``op_profile`` of ``n_steps`` decode steps on ``cache`` (true positions under ``absolute``),
-    numbered as in ``timed_decode``. The copy into a ``DynamicCache`` happens before the profiled
-    region, so the profile holds only what every step pays."""
-    _positive_int("n_steps", n_steps)
-    cache, position = _numbered(cache, model, position_mode)
-    dyn = cache.to_transformers()
-    state = {"token": first_token.to(model.device).view(1, 1), "position": position}
-
-    def steps() -> None:
-        for _ in range(n_steps):
-            state["token"] = _greedy_step(model, dyn, state["token"], state["position"])
-            state["position"] += 1
-        _sync(model.device)
-
-    return op_profile(steps, top)
-
-
-_COLD_CHILD = r"""
-import json, sys, time
-t_start = time.perf_counter()
-spec = json.loads(sys.stdin.read())
-import torch
-import knorm_lib as kl
-def sync():
-    if spec["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-t_import = time.perf_counter()
-if spec["model_config"] is not None:
-    model = kl.random_llama(seed=0, dtype=getattr(torch, spec["dtype"]), device=spec["device"], **spec["model_config"])
-else:
-    model, _ = kl.load_model(spec["model_name"], device=spec["device"], dtype=spec["dtype"])
-ids = torch.tensor([spec["input_ids"]])
-t_load = time.perf_counter()
-rows = []
-for rnd in range(spec["rounds"]):
-    for r in spec["keep_ratios"]:
-        sync()
-        t0 = time.perf_counter()
-        pre = kl.prefill(model, ids)
-        if r < 1:
-            kl.compress_cache(pre.cache, r, spec["policy"], spec["skip_layers"])
-        pre.last_logits.argmax(-1).item()
-        sync()
-        rows.append({"round": rnd, "keep_ratio": r, "ttft_s": time.perf_counter() - t0})
-print("COLD_JSON " + json.dumps({"import_s": t_import - t_start, "load_s": t_load - t_import, "rows": rows}))
-"""
-
-
-def cold_warm_ttft(input_ids: torch.Tensor, keep_ratios: Sequence[float] = (1.0, 0.25), rounds: int = 3,
-                   model_name: str | None = None, model_config: dict[str, Any] | None = None,
-                   device: str = "cpu", dtype: str = "float32", policy: str = "knorm",
-                   skip_layers: Sequence[int] = (0, 1), timeout_s: float = 600) -> dict[str, Any]:
-    """The TTFT trap, measured: in a *fresh* Python process, load the model and time
-    prefill + compression + first token for each keep_ratio in order, ``rounds`` times. Round 0's
-    first configuration (put the baseline first) is the process's first call: it pays lazy
-    initialisation, allocator and kernel warm-up. Returns the child's rows (round, keep_ratio,
-    ttft_s) and its import and load times. ``model_config`` builds a random-weight Llama instead."""
-    import subprocess
-    import sys
-
-    ratios = [_check_keep_ratio(r) for r in keep_ratios]
-    _positive_int("rounds", rounds)
-    if not ratios:
-        raise ValueError("keep_ratios: need at least one")
-    if model_config is not None and not isinstance(model_config, dict):
-        raise ValueError(f"model_config={model_config!r}: must be None or a dict of LlamaConfig fields")
-    ids = _check_ids(input_ids)
-    spec = {"input_ids": ids[0].tolist(), "keep_ratios": ratios, "rounds": rounds, "model_name": model_name,
-            "model_config": model_config, "device": device, "dtype": dtype, "policy": policy,
-            "skip_layers": list(skip_layers)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", _COLD_CHILD], input=json.dumps(spec), capture_output=True,
-                          text=True, env=env, timeout=timeout_s)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("COLD_JSON ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"cold_warm_ttft: the fresh process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("COLD_JSON "):])
-
-
-PARAMETER_CHECKS.update({
-    "context_lens": lambda n, v: v is None or _check_list(n, v, lambda x: _positive_int(n, x)),
-    "cold_lens": lambda n, v: v is None or _check_list(n, v, lambda x: _positive_int(n, x)),
-    "model_config": lambda n, v: _require(v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-                                          n, v, "None (the model named by model_name) or a dict of LlamaConfig fields"),
-    "dtype": lambda n, v: _require(v is None or isinstance(getattr(torch, str(v), None), torch.dtype), n, v,
-                                   "None or a torch dtype name such as 'float32' or 'bfloat16'"),
-})
+    return [streaming_ppl(model, input_ids, reference_logits=reference, **cfg)
+            for cfg in _progress(configs, "streaming configurations", progress)]

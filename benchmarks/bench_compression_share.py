@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import knorm_lib as kl  # noqa: E402
+from knorm_study import runtime, speed  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +35,8 @@ def main() -> None:
     def do_compress() -> None:
         kl.compress_cache(holder["pre"].cache, args.keep_ratio, "knorm", skip_layers=())
 
-    prefill_t = kl.timed(do_prefill, repeats=args.repeats, warmup=1)
-    compress_t = kl.timed(do_compress, repeats=max(20, args.repeats), warmup=3)
+    prefill_t = speed.timed(do_prefill, repeats=args.repeats, warmup=1)
+    compress_t = speed.timed(do_compress, repeats=max(20, args.repeats), warmup=3)
     shares = [c / p for c, p in zip(compress_t["times_s"], prefill_t["times_s"])]
     line = {
         "what": "knorm compression (score + gather, all layers) as a share of prefill time",
@@ -45,10 +46,10 @@ def main() -> None:
                     "share_median": compress_t["median_s"] / prefill_t["median_s"],
                     "share_max": max(shares) if shares else None, "bar": 0.02,
                     "meets_bar": compress_t["median_s"] / prefill_t["median_s"] <= 0.02},
-        "machine": kl.machine_info(),
+        "machine": runtime.machine_info(),
     }
     print(json.dumps(line))
-    kl.write_json_atomic(kl.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
+    runtime.write_json_atomic(runtime.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
 
 
 if __name__ == "__main__":

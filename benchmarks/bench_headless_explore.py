@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-import knorm_lib as kl  # noqa: E402
+from knorm_study import runtime  # noqa: E402
 import notebook_runner as runner  # noqa: E402
 
 
@@ -59,11 +59,11 @@ def main() -> None:
                     "seconds_median": statistics.median(seconds) if seconds else None,
                     "seconds_min": min(seconds, default=None), "seconds_max": max(seconds, default=None),
                     "bar_hangs": 0, "meets_bar": not hangs and not failures},
-        "machine": kl.machine_info(),
+        "machine": runtime.machine_info(),
     }
     print(json.dumps(line))
     if not args.no_record:
-        kl.write_json_atomic(kl.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
+        runtime.write_json_atomic(runtime.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
     sys.exit(1 if hangs or failures else 0)
 
 

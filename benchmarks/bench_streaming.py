@@ -20,14 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import knorm_lib as kl  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from knorm_study import runtime, speed  # noqa: E402
 
 
 def child_peak(n_tokens: int, keep_ratio: float) -> None:
@@ -35,7 +28,7 @@ def child_peak(n_tokens: int, keep_ratio: float) -> None:
     own reference forward and metrics included."""
     model, tok = kl.load_model()
     ids = kl.long_documents(tok, "wiki", n_tokens, 1)[0].input_ids
-    base = rss_mb()
+    base = speed.rss_bytes() / 2**20
     t0 = time.perf_counter()
     res = kl.streaming_ppl(model, ids, "knorm", keep_ratio=keep_ratio, engine="one_pass")
     print(json.dumps({"tokens": n_tokens, "rss_after_load_mb": base, "seconds": time.perf_counter() - t0,
@@ -59,11 +52,11 @@ def main() -> None:
     ids = ids_all.input_ids[:, :args.tokens]
     # The uncompressed reference (for KL / agreement) is one plain forward that both engines need
     # and a sweep computes once per text (streaming_sweep): it is timed separately and shared.
-    reference_s = kl.timed(lambda: kl.full_logits(model, ids), repeats=args.repeats, warmup=1)
+    reference_s = speed.timed(lambda: kl.full_logits(model, ids), repeats=args.repeats, warmup=1)
     reference = kl.full_logits(model, ids)
     run = lambda engine, x=ids, ref=reference: kl.streaming_ppl(model, x, "knorm", keep_ratio=args.keep_ratio,
                                                                 engine=engine, reference_logits=ref)
-    one_pass = kl.timed(lambda: run("one_pass"), repeats=args.repeats, warmup=1)
+    one_pass = speed.timed(lambda: run("one_pass"), repeats=args.repeats, warmup=1)
     t0 = time.perf_counter()
     seq_result = run("sequential")
     sequential_s = time.perf_counter() - t0
@@ -72,7 +65,7 @@ def main() -> None:
     growth = {}
     for n in args.growth:
         x = ids_all.input_ids[:, :n]
-        growth[n] = kl.timed(lambda: run("one_pass", x, None), repeats=1 if n >= 4096 else args.repeats,
+        growth[n] = speed.timed(lambda: run("one_pass", x, None), repeats=1 if n >= 4096 else args.repeats,
                              warmup=0)["median_s"]
     peak = json.loads(subprocess.run([sys.executable, __file__, "--child-peak", "4096", "--keep-ratio",
                                       str(args.keep_ratio)], check=True, capture_output=True, text=True).stdout)
@@ -89,10 +82,10 @@ def main() -> None:
                     "flipped_eviction_decisions": flips, "one_pass_s_by_tokens": growth,
                     "peak_rss_4096": peak, "bars": {"speedup_min": 10, "ppl_rel_diff_max": 1e-3, "peak_gb_max": 6},
                     "meets_bars": speedup >= 10 and rel <= 1e-3 and peak["peak_rss_mb"] < 6 * 1024},
-        "machine": kl.machine_info(),
+        "machine": runtime.machine_info(),
     }
     print(json.dumps(line))
-    kl.write_json_atomic(kl.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
+    runtime.write_json_atomic(runtime.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
 
 
 if __name__ == "__main__":

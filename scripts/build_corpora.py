@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import hashlib
 import html
 import json
-import os
 import re
-import tempfile
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -20,6 +18,10 @@ from typing import Any, Iterable, Iterator
 import mwparserfromhell
 from mwparserfromhell.nodes import (Argument, Comment, ExternalLink, Heading, HTMLEntity, Node, Tag,
                                     Template, Text, Wikilink)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from knorm_lib import file_sha256  # noqa: E402
+from knorm_study.runtime import write_text_atomic  # noqa: E402
 
 DROP_SECTIONS = {"see also", "references", "external links", "further reading", "notes",
                  "bibliography", "footnotes", "sources", "citations", "works cited"}
@@ -177,33 +179,10 @@ def iter_news_articles(cor_path: Path) -> Iterator[dict]:
 
 
 def write_jsonl(docs: Iterable[dict], out_path: Path) -> int:
-    """Atomically write docs as sorted-key JSON lines (temp file + os.replace); return the count."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for doc in docs:
-                fh.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")
-                n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
-
-
-def _sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Write docs as sorted-key JSON lines, atomically; return the count."""
+    lines = [json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n" for doc in docs]
+    write_text_atomic(out_path, "".join(lines))
+    return len(lines)
 
 
 def build_corpora(wiki_bz2: Path, news_cor: Path, out_dir: Path, tokenizer: Any = None) -> dict:
@@ -221,7 +200,7 @@ def build_corpora(wiki_bz2: Path, news_cor: Path, out_dir: Path, tokenizer: Any 
         toks = [d["n_tokens"] for d in docs] if tokenizer is not None else None
         summary[name] = {
             "path": str(path),
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "n_docs": n_docs,
             "n_chars_total": sum(len(d["text"]) for d in docs),
             "n_tokens_total": sum(toks) if toks is not None else None,

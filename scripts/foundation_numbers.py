@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import knorm_lib as kl  # noqa: E402
+from knorm_study import intervals, runtime  # noqa: E402
 
 CONTEXT, SCORED, RATIOS = 1536, 512, (1.0, 0.9, 0.5, 0.25)
 
@@ -23,8 +24,8 @@ def main() -> None:
         full.append({"document": doc.title, "tokens": 2048, "ppl": kl.full_ppl(model, doc.input_ids[:, :2048])})
         for res in kl.sweep(model, doc.input_ids, CONTEXT, configs, progress=True):
             rows.append({"document": doc.title, **res.summary()})
-    agg = kl.aggregate(rows, ["policy", "position_mode", "keep_ratio"], ["ppl", "next_token_acc", "kl"])
-    path = kl.record_results("foundation", "full", {"context_len": CONTEXT, "scored": SCORED},
+    agg = intervals.aggregate(rows, ["policy", "position_mode", "keep_ratio"], ["ppl", "next_token_acc", "kl"])
+    path = runtime.record_results("foundation", "full", {"context_len": CONTEXT, "scored": SCORED},
                              {"full_model_ppl_2048": full, "rows": rows, "aggregate": agg.to_dict("records")}, model)
     for f in full:
         print(f"full-model PPL, first 2048 tokens of {f['document']}: {f['ppl']:.3f}")

@@ -17,7 +17,6 @@ atomically, and every error names its file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from knorm_lib import file_sha256 as sha256  # noqa: E402
+from knorm_study.runtime import write_json_atomic  # noqa: E402
 
 DATA = ROOT / "data"
 WHEELS = DATA / "wheels"
@@ -67,14 +68,6 @@ GENSIM_FILES = {  # member suffix -> sha256 (identical in every gensim 4.4.0 whe
 
 def log(msg: str) -> None:
     print(f"[make data] {msg}", flush=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path: Path, expected: str) -> None:
@@ -244,9 +237,7 @@ def main() -> None:
         "text_sources": {"package": GENSIM_REQ, "files": GENSIM_FILES},
         "corpora": corpora,
     }
-    tmp = MANIFEST.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, MANIFEST)
+    write_json_atomic(MANIFEST, manifest)
     for name, c in corpora.items():
         log(f"{name}: {c['n_docs']} documents, {c['n_tokens_total']} tokens, longest {c['n_tokens_max']}")
     log(f"done in {time.time() - t0:.0f} s; manifest: data/manifest.json")

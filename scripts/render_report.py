@@ -9,10 +9,14 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "data" / "results"
+sys.path.insert(0, str(ROOT))
+from knorm_study import runtime  # noqa: E402
+
+RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results"))
 
 
 def load(notebook: str, profile: str) -> dict | None:
@@ -21,9 +25,8 @@ def load(notebook: str, profile: str) -> dict | None:
 
 
 def figure_dir(res: dict) -> str:
-    """Where the notebook saved its figures: ``figures/`` for the full profile, else under build/."""
-    nb = res["notebook"]
-    return f"figures/{nb}" if res["profile"] == "full" else f"build/figures/{res['profile']}/{nb}"
+    """Where `make report` saved the notebook's figures, relative to the project root."""
+    return str((runtime.report_figures_dir(res["profile"]) / res["notebook"]).relative_to(ROOT))
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -34,10 +37,11 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def section_03(res: dict) -> tuple[str, str]:
+    from knorm_study import position_order
+
     r = res["results"]
     sizes = res["parameters"]["sizes"]
     agg = r["aggregate"]
-    inv = r["invariants"]
     ratios = sorted({a["keep_ratio"] for a in agg}, reverse=True)
     combos = [(m, o) for m in ("absolute", "cache_relative", "rerotated") for o in ("original", "by_norm")]
     get = lambda kr, m, o, k="ppl": next(a[k] for a in agg if a["keep_ratio"] == kr and a["position_mode"] == m
@@ -51,19 +55,14 @@ def section_03(res: dict) -> tuple[str, str]:
     ref = md_table(["article", "tokens", "full-model PPL"],
                    [[x["document"], x["tokens"], x["ppl"]] for x in r["reference_full_model_ppl"]])
     docs = ", ".join(f"{d['title']} ({d['corpus']})" for d in r["documents"])
-    r_hi = max(k for k in ratios if k < 1)
-    body = f"""## 03 · Position, order and perplexity (prefill protocol)
+    fig_dir = figure_dir(res)
+    body = f"""## 03 · Position, order and perplexity
 
-Context {sizes['context_len']} tokens, continuation {sizes['continuation_len']} scored tokens, knorm with
-skip_layers {res['parameters']['skip_layers']}, {len(r['documents'])} documents: {docs}.
+Prefill protocol: context {sizes['context_len']} tokens, continuation {sizes['continuation_len']} scored tokens, knorm
+with skip_layers {res['parameters']['skip_layers']}, {len(r['documents'])} documents: {docs}.
 Mean continuation perplexity ± 95 % interval over documents:
 
 {table}
-
-- Storage order under absolute positions: largest relative PPL difference {inv['order_max_rel_diff_absolute']:.1e}.
-- `cache_relative` inflates PPL {inv['cache_relative_min_inflation_when_evicting']:.2f}×–{inv['cache_relative_max_inflation_when_evicting']:.2f}× whenever tokens were evicted; identical when none were.
-- `rerotated` + `by_norm` differs from `rerotated` + `original` by up to {inv['order_max_rel_diff_rerotated']:.1%}.
-- "PPL without compression" is constant across keep_ratios: {inv['plan_b_constant_across_keep_ratios']}.
 
 Eviction policies with true positions (mean PPL):
 
@@ -73,22 +72,13 @@ Full-model (uncompressed) perplexity of the longest wiki articles, for reference
 
 {ref}
 
-![order x position mode](figures/03_position_order_ppl/order_x_position_mode.png)
-![policies](figures/03_position_order_ppl/policies_ppl.png)
-![plan C](figures/03_position_order_ppl/plan_c_accuracy_kl.png)
+{position_order.findings(res)}
+![order x position mode]({fig_dir}/order_x_position_mode.png)
+![policies]({fig_dir}/policies_ppl.png)
+![plan C]({fig_dir}/plan_c_accuracy_kl.png)
+![streaming]({fig_dir}/streaming_order_x_position_mode.png)
 """
-    headline = (f"- **The write-up's perplexity jump is a position bug, not an order effect.** On SmolLM2-135M "
-                f"(prefill protocol, {len(r['documents'])} documents), numbering new tokens from the compressed cache "
-                f"length raises PPL from {get(r_hi, 'absolute', 'original'):.2f} to "
-                f"{get(r_hi, 'cache_relative', 'original'):.2f} at keep_ratio {r_hi}, while storing the kept keys in "
-                f"norm order changes PPL by at most {inv['order_max_rel_diff_absolute']:.0e} (relative) under true positions.\n"
-                f"- **KnormPress with true positions:** PPL {get(1.0, 'absolute', 'original'):.2f} (full cache) → "
-                + ", ".join(f"{get(kr, 'absolute', 'original'):.2f} at {kr}" for kr in ratios if kr < 1)
-                + f"; random eviction: " + ", ".join(f"{pget(kr, 'random'):.2f}" for kr in ratios if kr < 1)
-                + f"; high-norm eviction: " + ", ".join(f"{pget(kr, 'high_norm'):.2f}" for kr in ratios if kr < 1) + ".\n"
-                f"- **\"PPL without compression\" (the write-up's Plan B) is the same number at every keep_ratio** — "
-                f"it measures nothing about compression.\n")
-    return body, headline
+    return body, position_order.headline(res)
 
 
 def section_00(res: dict) -> tuple[str, str]:
@@ -108,55 +98,45 @@ positions; context {r['context_len']} tokens, {s['n_scored']} scored. PPL {s['pp
 
 
 def section_01(res: dict) -> tuple[str, str]:
-    s = res["results"]["summary"]
-    kinds = sorted(s["median_norm_by_kind_relative"].items(), key=lambda kv: kv[1])
-    stab = s["head_stability_spearman_mean"]
+    from knorm_study import norm_distributions
+
+    fig_dir = figure_dir(res)
     body = f"""## 01 · Key-norm anatomy
 
-{s['n_documents']} documents. The first token's key norm is below the median of the other tokens in
-{s['fraction_heads_sink_below_median']:.0%} of (layer, KV head) pairs (median ratio {s['sink_ratio_median_all']:.2f}).
-Median key norm by token kind relative to the layer median: {", ".join(f"{k} {v:.2f}" for k, v in kinds)}.
-Per-head median norms correlate across documents with Spearman {"n/a" if stab is None else f"{stab:.3f}"}; key and value
-norms correlate with Spearman {s['key_value_norm_spearman']:.2f}.
-
-![violins](figures/01_norm_distributions/key_norm_violins.png)
-![position](figures/01_norm_distributions/norm_vs_position.png)
-![kinds](figures/01_norm_distributions/norm_by_token_kind.png)
+{norm_distributions.findings(res)}
+![violins]({fig_dir}/key_norm_violins.png)
+![position]({fig_dir}/norm_vs_position.png)
+![kinds]({fig_dir}/norm_by_token_kind.png)
 """
-    headline = (f"- **The attention sink has a low key norm:** the first token's key norm is below the median in "
-                f"{s['fraction_heads_sink_below_median']:.0%} of (layer, head) pairs, so KnormPress keeps it unasked.\n")
-    return body, headline
+    return body, norm_distributions.headline(res)
 
 
 def section_02(res: dict) -> tuple[str, str]:
-    s = res["results"]["summary"]
-    lost = s["fraction_lost"]
+    from knorm_study import attention
+
+    lost = res["results"]["summary"]["fraction_lost"]
     ratios = res["parameters"]["keep_ratios"]
-    pols = ["knorm", "random", "high_norm", "oracle"]
-    table = md_table(["keep_ratio"] + pols, [[r] + [lost[f"{p}@{r}"] for p in pols] for r in ratios])
+    pols = [*res["parameters"]["policies"], "oracle"]
+    table = md_table(["keep_ratio"] + pols, [[r] + [lost.get(f"{p}@{r}", "") for p in pols] for r in ratios])
+    fig_dir = figure_dir(res)
     body = f"""## 02 · Norm–attention correlation
 
-Mean Spearman ρ(key norm, causally normalised attention received): {s['spearman_mean_layers_0_1']:.2f} in layers 0–1,
-{s['spearman_mean_layers_2plus']:.2f} in layers ≥ 2 ({s['fraction_heads_negative_layers_2plus']:.0%} of cells negative).
+Spearman ρ(key norm, causally normalised attention received) per layer and KV head, first token excluded.
+
+{attention.findings(res)}
 Fraction of the continuation's attention that falls on evicted context keys (layers ≥ 2):
 
 {table}
 
-![heatmap](figures/02_attention_correlation/spearman_heatmap.png)
-![lost](figures/02_attention_correlation/attention_mass_lost.png)
+![heatmap]({fig_dir}/spearman_heatmap.png)
+![lost]({fig_dir}/attention_mass_lost.png)
 """
-    rho_late, rho_early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
-    holds = rho_late < 0 and rho_late < rho_early
-    mid = 0.5 if 0.5 in ratios else ratios[len(ratios) // 2]
-    headline = (f"- **Low norm ↔ high attention {'holds beyond the first layers' if holds else 'is weak token by token on this model'}:** "
-                f"mean Spearman ρ {rho_late:.2f} in layers ≥ 2 against {rho_early:.2f} in layers 0–1 (first token excluded). "
-                f"What KnormPress needs still holds: evicting by norm at keep_ratio {mid} loses {lost[f'knorm@{mid}']:.1%} of "
-                f"the continuation's attention (random {lost[f'random@{mid}']:.1%}, oracle {lost[f'oracle@{mid}']:.1%}), "
-                f"consistent with the attention sink having a low key norm (notebook 01).\n")
-    return body, headline
+    return body, attention.headline(res)
 
 
 def section_streaming(res: dict) -> tuple[str, str]:
+    from knorm_study import quality
+
     r = res["results"]
     rows = r["rows"]
     full = rows[0]["ppl"]
@@ -171,34 +151,27 @@ def section_streaming(res: dict) -> tuple[str, str]:
 (budget `n_kept(t+1, keep_ratio)`); full-cache PPL {full:.3f}:
 
 {table}
-"""
-    fmt = lambda p: "/".join(f"{get(p, k)['ppl']:.1f}" for k in ratios)
-    headline = (f"- **Streaming protocol (cache cut back after every token, {res['parameters']['tokens']} tokens, "
-                f"full cache {full:.2f}), PPL at keep_ratio {'/'.join(str(k) for k in ratios)}:** "
-                + "; ".join(f"{p} {fmt(p)}" for p in pols) + ".\n")
-    return body, headline
+
+{quality.streaming_findings(res)}"""
+    return body, quality.streaming_headline(res)
 
 
 def section_04(res: dict) -> tuple[str, str]:
+    from knorm_study import quality
+
     r, p = res["results"], res["parameters"]
     sizes = p["sizes"]
     fig_dir = figure_dir(res)
     pooled = r["pooled"]
     ratios = sorted({x["keep_ratio"] for x in pooled}, reverse=True)
     tables = {}
-    for proto in ("prefill", "streaming"):
+    for proto in quality.PROTOCOLS:
         sub = [x for x in pooled if x["protocol"] == proto]
         variants = list(dict.fromkeys(x["variant"] for x in sub))
         cell = lambda v, k: next((f"{x['ppl_ratio'] - 1:+.1%}" + (f" ± {x['ppl_ratio_ci95']:.1%}" if x["ppl_ratio_ci95"] is not None else "")
                                   for x in sub if x["variant"] == v and x["keep_ratio"] == k), "")
         tables[proto] = md_table(["policy"] + [f"keep {k}" for k in ratios if k < 1],
                                  [[v] + [cell(v, k) for k in ratios if k < 1] for v in variants])
-        full = [x for x in r["aggregate"] if x["protocol"] == proto and x["variant"] == "knorm" and x["keep_ratio"] == 1.0]
-        tables[proto] += "\n\nFull-cache perplexity: " + ", ".join(f"{x['corpus']} {x['ppl']:.2f}" for x in full) + "."
-    fmt = lambda v: "—" if v is None else f"{v:g}"
-    th = md_table(["protocol", "policy", "smallest keep_ratio within 1 %", "within 5 %"],
-                  [[x["protocol"], x["variant"], fmt(x["within_0.01"]), fmt(x["within_0.05"])] for x in r["thresholds"]])
-    sp = r["sweep_speed"]
     docs = lambda key: ", ".join(f"{d['title']} ({d['corpus']})" for d in r[key])
     body = f"""## 04 · Quality against compression
 
@@ -219,23 +192,18 @@ full cache, mean over documents of both corpora ± 95 % t-interval:
 Smallest keep_ratio whose perplexity stays within 1 % / 5 % of the full cache (mean per-document ratio; every larger
 keep_ratio must pass too; "—": even the largest compressed keep_ratio fails):
 
-{th}
+{quality.thresholds_markdown(r['thresholds'])}
 
-**One prefill, many configurations:** the full cache and all {sp['n_configs']} compressed configurations of
-{sp['document']} in {sp['sweep_s']:.1f} s against {sp['reprefill_s']:.1f} s re-prefilling each: **{sp['speedup']:.2f}×** (forward-token ceiling {sp['token_ceiling']:.2f}×;
-largest NLL difference {sp['max_abs_nll_diff']:.1e}).
-
+{quality.findings(res)}
 ![PPL against keep_ratio]({fig_dir}/ppl_vs_keep_ratio.png)
 ![KL heat-strip]({fig_dir}/kl_heatstrip.png)
 """
-    within = lambda proto: "; ".join(f"{x['variant']} {fmt(x['within_0.05'])}" for x in r["thresholds"] if x["protocol"] == proto)
-    headline = (f"- **How far each policy compresses with perplexity within 5 % of the full cache** (smallest keep_ratio): "
-                f"prefill protocol: {within('prefill')}. Streaming protocol: {within('streaming')}. "
-                f"One prefill for every configuration is {sp['speedup']:.1f}× faster than re-prefilling, with identical metrics.\n")
-    return body, headline
+    return body, quality.headline(res)
 
 
 def section_06(res: dict) -> tuple[str, str]:
+    from knorm_study import speed
+
     r = res["results"]
     s = r["summary"]
     sizes = res["parameters"]["sizes"]
@@ -269,10 +237,6 @@ def section_06(res: dict) -> tuple[str, str]:
                       f"{t['fake_change']:+.1%}", f"{t['warm_baseline_s']:.3f}", f"{t['warm_compressed_s']:.3f}",
                       f"{t['warm_change']:+.1%}", f"{t['fake_change_with_load']:+.1%}"] for t in r["trap"]])
     probes = s["bandwidth_probes"]
-    ops = ", ".join(f"{o['op']} {o['share_of_wall']:.0%}" for o in s["profile_ops"][:4])
-    bar = ", ".join(f"{k} {v:.2f}×" for k, v in s["measured_over_model_long"].items())
-    adj = ", ".join(f"{k} {v:.2f}×" for k, v in s["measured_over_adjusted_model_long"].items())
-    gemv = ", ".join(f"{k} {v:.2f}×" for k, v in s.get("measured_over_gemv_model_long", {}).items())
     body = f"""## 06 · Speed and memory trade-offs
 
 {s['model_label']}; {r['document']}. TTFT = prefill (+ first token) + compression, {sizes['n_repeats']} timed repeats after a
@@ -289,18 +253,12 @@ Prefill and compression overhead (the foundation's bar: compression ≤ 2 % of T
 
 {pre}
 
-**Bandwidth model.** Measured: read {probes['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {probes['copy_bytes_per_s'] / 1e9:.1f} GB/s,
+This machine's rates: read {probes['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {probes['copy_bytes_per_s'] / 1e9:.1f} GB/s,
 matrix-vector {probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s, matmul {s['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s; weights
-{s['weight_bytes'] / 1e6:.0f} MB. Predicted TPOT = (weights + kept KV) / {s['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; measured/model at the longest
-contexts: {bar} (bar 1.3×: {"met" if s['meets_1p3_bar'] else "not met"}). What the model leaves out: a fixed
-{s['step_overhead_s'] * 1e3:.1f} ms per step (Python and operator dispatch, measured on the same layer stack at tiny widths) and
-`DynamicCache`'s `torch.cat`, which copies the whole cache every step; with both, measured/model is {adj}; with the
-weights streamed at the matrix-vector rate ({probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s) as well, {gemv}. Operator
-profile of a decode step at {s['profile_context']} tokens: {ops} of the wall time. Fit over all configurations: TPOT =
-{s['tpot_fit']['intercept_s'] * 1e3:.1f} ms + {s['tpot_fit']['kv_bytes_moved_per_kv_byte']:.1f} × kept KV bytes / bandwidth (the intercept is
-{s['tpot_fit']['intercept_over_weight_time']:.2f}× the weight-streaming time).
+{s['weight_bytes'] / 1e6:.0f} MB.
 
-**The TTFT trap** (fresh process per row; baseline first, then keep_ratio 0.25, then both again warm):
+{speed.findings(res)}
+The TTFT trap (fresh process per row; baseline first, then keep_ratio 0.25, then both again warm):
 
 {trap}
 
@@ -321,6 +279,8 @@ profile of a decode step at {s['profile_context']} tokens: {ops} of the wall tim
 
 
 def section_05(res: dict) -> tuple[str, str]:
+    from knorm_study import passkey
+
     r = res["results"]
     p, sizes, s, sp = res["parameters"], res["parameters"]["sizes"], r["summary"], r["speed"]
     acc = r["accuracy"]
@@ -353,16 +313,12 @@ Accuracy [Wilson 95 % interval]:
 
 {tables_md}
 
-- Uncompressed retrieval: {full} (≥ 80 % up to {s['longest_context_retrieved_uncompressed']} tokens).
-- {r['summary']['claim_90pct']['text']}
-- Sweep against re-prefilling every distinct configuration ({sp['n_configs_reprefill']} of them, context {sp['context']}):
-  {sp['sweep_seconds']:.1f} s against {sp['reprefill_seconds']:.1f} s, **{sp['ratio']:.1f}×** (token ceiling
-  {sp['token_ceiling']:.1f}×); metrics identical: {sp['metrics_identical']} (largest NLL difference {sp['max_abs_nll_diff']:.1e}).
-
 Greedy generation on {sizes['n_gen_prompts']} wiki prompts of {sizes['gen_prompt_tokens']} tokens,
 {sizes['gen_new_tokens']} new tokens: mean matching prefix and token agreement with the full cache:
 
 {gtable}
+
+{passkey.findings(res)}
 
 ![heatmaps]({fig_dir}/passkey_heatmaps.png)
 ![accuracy]({fig_dir}/accuracy_vs_keep_ratio.png)
@@ -392,12 +348,6 @@ SECTIONS = {"00_explore": section_00, "01_norm_distributions": section_01, "02_a
             "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="full")
@@ -423,13 +373,13 @@ def main() -> None:
               f"Machine: {m['platform']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"transformers {m['transformers']}, Python {m['python']}{', GPU ' + m['gpu'] if m.get('gpu') else ''}.\n\n"
               + "\n".join(bodies))
-    write_atomic(ROOT / (f"REPORT.md" if args.profile == "full" else f"build/REPORT-{args.profile}.md"), report)
+    runtime.write_text_atomic(ROOT / (f"REPORT.md" if args.profile == "full" else f"build/REPORT-{args.profile}.md"), report)
     if args.profile == "full":
         readme = ROOT / "README.md"
         text = readme.read_text(encoding="utf-8")
         block = "<!-- findings:start -->\n" + "".join(headlines) + "<!-- findings:end -->"
         new = re.sub(r"<!-- findings:start -->.*?<!-- findings:end -->", lambda _: block, text, flags=re.S)
-        write_atomic(readme, new)
+        runtime.write_text_atomic(readme, new)
     print(f"rendered {len(bodies)} section(s) for profile {args.profile!r}")
 
 

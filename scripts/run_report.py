@@ -1,8 +1,8 @@
 """`make report`: run every study notebook headless with papermill, resumably.
 
 For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
-the notebook runner, data/manifest.json, the corpora's bytes, requirements.txt and the profile)
-hash the same as at its last successful run and its results file records the profile's default
+the knorm_study modules it imports, the notebook runner, data/manifest.json, the corpora's bytes,
+requirements.txt and the profile) hash the same as at its last successful run and its results file records the profile's default
 parameters; otherwise execute it in the project's kernel (``notebook_runner``: a per-cell timeout,
 one retry for a timeout, papermill's cell progress on screen), with the executed copy written to
 ``build/notebooks/<profile>/``. This is the only writer of the committed ``data/results/`` and (full
@@ -15,27 +15,55 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
+import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from knorm_study import runtime  # noqa: E402
+
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
-HASHED_INPUTS = ("knorm_lib.py", "scripts/notebook_runner.py", "data/manifest.json", "requirements.txt")
+HASHED_INPUTS = ("knorm_lib.py", "knorm_study/__init__.py", "knorm_study/runtime.py", "scripts/notebook_runner.py",
+                 "data/manifest.json", "requirements.txt")
 RESULTS = ROOT / "data" / "results"
-FIGURES = ROOT / "figures"
+_STUDY_IMPORT = re.compile(r"from\s+knorm_study\s+import[ \t]+([\w \t,]+)|knorm_study\.(\w+)|from\s+knorm_study\.(\w+)\s+import")
+
+
+def study_modules(source: str) -> set[str]:
+    """The knorm_study modules ``source`` imports, and those they import in turn."""
+    found: set[str] = set()
+    todo = [source]
+    while todo:
+        for names, dotted, from_dotted in _STUDY_IMPORT.findall(todo.pop()):
+            for name in [n.strip() for n in names.split(",") if n.strip()] + [dotted, from_dotted]:
+                path = ROOT / "knorm_study" / f"{name}.py"
+                if name and name not in found and path.exists():
+                    found.add(name)
+                    todo.append(path.read_text(encoding="utf-8"))
+    return found
+
+
+def notebook_inputs(notebook: Path) -> list[Path]:
+    """What a notebook's results depend on: itself, the core and the runner, the study modules it
+    imports (so a change to the speed probes reruns 06 only), the data manifest and the pins."""
+    import nbformat
+
+    code = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
+    modules = sorted(study_modules(code) - {"runtime"})
+    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *(ROOT / "knorm_study" / f"{m}.py" for m in modules)]
 
 
 def input_hash(notebook: Path, profile: str) -> str:
-    """The notebook's inputs, the corpora's bytes included (a damaged corpus is never "unchanged")."""
+    """The notebook's inputs (``notebook_inputs``), the corpora's bytes included (a damaged corpus
+    is never "unchanged")."""
     import knorm_lib as kl
 
     h = hashlib.sha256(profile.encode())
-    for path in (notebook, *(ROOT / p for p in HASHED_INPUTS)):
-        h.update(path.name.encode())
+    for path in notebook_inputs(notebook):
+        h.update(str(path.relative_to(ROOT)).encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     for name in kl.CORPORA:
         h.update(kl.verified_corpus_path(name).name.encode())
@@ -62,9 +90,7 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
     for nb_path in sorted(executed_dir.glob("*.ipynb")):
         body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
         target = html_dir / f"{nb_path.stem}.html"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, target)
+        runtime.write_text_atomic(target, body)
         links.append(f'<li><a href="{target.name}">{nb_path.stem}</a></li>')
     (html_dir / "index.html").write_text("<html><body><h1>knorm-study: executed notebooks</h1><ul>"
                                          + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
@@ -86,7 +112,7 @@ def main() -> int:
     stamp_dir = BUILD / "stamps" / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
-    figures = FIGURES if args.profile == "full" else BUILD / "figures" / args.profile
+    figures = runtime.report_figures_dir(args.profile)
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
@@ -112,9 +138,7 @@ def main() -> int:
             failures.append(nb.stem)
             print(f"{prefix}: FAILED: it did not record {results.relative_to(ROOT)}", flush=True)
             continue
-        tmp = stamp.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"hash": digest, "seconds": time.time() - t0}))
-        os.replace(tmp, stamp)
+        runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
         print(f"{prefix}: done in {time.time() - t0:.0f} s", flush=True)
     write_html(out_dir, BUILD / "html" / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import knorm_lib as kl  # noqa: E402
+from knorm_study import runtime  # noqa: E402
 
 POLICIES, RATIOS, N_TOKENS = ("knorm", "random", "high_norm", "streaming", "h2o"), (0.9, 0.5, 0.25), 2048
 
@@ -26,7 +27,7 @@ def main() -> None:
     doc = kl.long_documents(tok, "wiki", N_TOKENS, 1)[0]
     rows = [{"document": doc.title, "policy": "none (full cache)", "keep_ratio": 1.0, "engine": "-",
              "ppl": kl.full_ppl(model, doc.input_ids), "seconds": None}]
-    previous = kl.RESULTS_DIR / "streaming" / "full.json"
+    previous = runtime.RESULTS_DIR / "streaming" / "full.json"
     if set(args.policies) != set(POLICIES) and previous.exists():
         rows += [r for r in json.loads(previous.read_text())["results"]["rows"][1:] if r["policy"] not in args.policies]
     for policy in args.policies:
@@ -37,7 +38,7 @@ def main() -> None:
             print(f"{policy:10s} keep {ratio:4}: PPL {res.ppl:8.3f}  acc {res.next_token_acc:.3f}  "
                   f"KL {res.kl_mean:.4f}  [{res.config.engine}, {rows[-1]['seconds']:.0f} s]", flush=True)
     rows = rows[:1] + sorted(rows[1:], key=lambda r: (POLICIES.index(r["policy"]), -r["keep_ratio"]))
-    path = kl.record_results("streaming", "full", {"tokens": N_TOKENS, "policies": POLICIES, "keep_ratios": RATIOS},
+    path = runtime.record_results("streaming", "full", {"tokens": N_TOKENS, "policies": POLICIES, "keep_ratios": RATIOS},
                              {"document": doc.title, "rows": rows}, model)
     print(f"full cache PPL {rows[0]['ppl']:.3f}; written: {path}")
 

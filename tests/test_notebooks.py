@@ -87,11 +87,13 @@ def test_recorded_parameters_are_the_parameters_only(executed):
 
 def test_explorer_uses_no_output_widgets():
     """The cause of the headless hang (nbclient #312): Output widgets and clear_output in the
-    explorer. Its displays are HTML widgets whose value is replaced."""
-    code = "\n".join(line.split("#")[0] for c in nbformat.read(ROOT / "notebooks" / "00_explore.ipynb", as_version=4).cells
-                     if c.cell_type == "code" for line in c.source.splitlines())
+    explorer (the notebook and ``explore.controls``, which builds its widgets). Its displays are
+    HTML widgets whose value is replaced."""
+    sources = [c.source for c in nbformat.read(ROOT / "notebooks" / "00_explore.ipynb", as_version=4).cells
+               if c.cell_type == "code"] + [(ROOT / "knorm_study" / "explore.py").read_text()]
+    code = "\n".join(line.split("#")[0] for source in sources for line in source.splitlines())
     assert "widgets.Output(" not in code and "clear_output" not in code
-    assert "widgets.HTML(" in code
+    assert "widgets.HTML(" in code and "explore.controls(" in code
 
 
 def test_explorer_runs_headless_repeatedly(tmp_path):

@@ -1,52 +1,14 @@
-"""Any model: exact or refused. Tiny random checkpoints of several architectures, built from
-configs and saved as safetensors with the embedded model's tokenizer, go through ``load_model``:
-the supported ones reproduce their own eager forward at keep_ratio 1.0 (prefill and streaming
-protocols) and keep one-pass = sequential; the others are refused at load time, naming the feature."""
+"""Loading: supported architectures are exact, the rest refused at load time; clear errors."""
+
 from __future__ import annotations
 
-import shutil
+import time
 
 import pytest
 import torch
 
 import knorm_lib as kl
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
-SUPPORTED = {
-    "llama": dict(head_dim=16),
-    "llama3-rope": dict(model_type="llama", head_dim=16, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "qwen2": dict(),
-    "qwen3": dict(head_dim=16),
-    "mistral-no-window": dict(model_type="mistral", sliding_window=None, head_dim=16),
-    "phi3": dict(pad_token_id=0),
-    "phi3-partial-rope": dict(model_type="phi3", pad_token_id=0, partial_rotary_factor=0.5),
-}
-REFUSED = {
-    "mistral-window": (dict(model_type="mistral", sliding_window=64, head_dim=16), "sliding-window"),
-    "gemma2": (dict(head_dim=16), "sliding-window|softcapping"),
-    "gemma3_text": (dict(head_dim=16), "sliding-window"),
-    "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, vocab_size=49152), "not supported"),
-}
-
-
-def _save(tmp_path, model_type: str, overrides: dict) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    overrides = dict(overrides)
-    model_type = overrides.pop("model_type", model_type)
-    fields = overrides if model_type == "gpt2" else {**SMALL, **overrides}
-    cfg = AutoConfig.for_model(model_type, **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    for p in model.parameters():   # far from uniform attention, so mistakes show
-        torch.nn.init.normal_(p, std=0.1)
-    out = tmp_path / model_type
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(kl.DEFAULT_MODEL_DIR / name, out / name)
-    return str(out)
+from helpers import REFUSED, SUPPORTED, _save
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
@@ -88,3 +50,48 @@ def test_rerotation_on_partial_rope_is_refused(tmp_path):
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match="partial RoPE"):
         kl.prefill_ppl(model, ids, 24, 0.5, position_mode="rerotated")
+
+
+def test_missing_model_says_make_data(tmp_path, monkeypatch):
+    """load_model() without the embedded model raises FileNotFoundError mentioning `make data`,
+    and creates nothing."""
+    monkeypatch.setattr(kl, "DEFAULT_MODEL_DIR", tmp_path / "SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match="make data"):
+        kl.load_model()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_path(tmp_path):
+    """A model path that does not exist raises FileNotFoundError naming it, and creates nothing."""
+    with pytest.raises(FileNotFoundError, match="model.*/nonexistent/model-dir"):
+        kl.load_model("/nonexistent/model-dir")
+    missing = tmp_path / "no-model-here"
+    with pytest.raises(FileNotFoundError, match="no-model-here"):
+        kl.load_model(str(missing))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_dir_without_model(tmp_path):
+    """A directory that exists but holds no model (e.g. a wrong path into data/) must also give a
+    FileNotFoundError naming the path -- not an unrelated error from a tokenizer fallback."""
+    empty = tmp_path / "empty-model-dir"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty-model-dir"):
+        kl.load_model(str(empty))
+    assert list(empty.iterdir()) == []
+
+
+def test_bad_dtype_string():
+    """dtype given as a string must name a torch dtype."""
+    with pytest.raises(ValueError, match="dtype"):
+        kl.load_model("/nonexistent/model-dir", dtype="float33")
+
+
+def test_unknown_hub_model_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("org/unknown", "models/mine"):
+        t0 = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match=name):
+            kl.load_model(name)
+        assert time.perf_counter() - t0 < 15
+

@@ -1,4 +1,5 @@
-"""Streaming protocol: the one-pass evaluator must equal the sequential reference."""
+"""Streaming protocol: the one-pass evaluator equals the sequential reference; schedules."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,14 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import knorm_lib as kl
-
-STATIC = ["knorm", "high_norm", "random", "streaming"]
-SCHEDULES = [dict(keep_ratio=0.5), dict(max_cache=12)]
-
-
-@pytest.fixture(scope="module")
-def ids48():
-    return torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(3))
+from helpers import SCHEDULES, STATIC, reference_burst_ppl
 
 
 @pytest.mark.parametrize("policy", STATIC)
@@ -177,3 +171,123 @@ def test_streaming_policy_never_evicts_the_first_token(tiny64, ids48):
     res = kl.streaming_ppl(tiny64, ids48, "streaming", keep_ratio=0.5, skip_layers=())
     for evict in res.evictions.values():
         assert bool((evict[:, 0] == ids48.shape[1]).all())
+
+
+def test_burst_schedule_is_the_reference_saw_tooth():
+    """Below prune_after nothing goes; at P the layer drops to ceil(r * P); the issue's numbers:
+    over 2,048 tokens with P = 1000, keep_ratio 0.1 keeps ~65 % on average and 0.5 ~74 %."""
+    b = kl.budget_schedule(12, keep_ratio=0.5, prune_after=4)
+    assert b.tolist() == [1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2]
+    b = kl.budget_schedule(10, keep_ratio=0.75, prune_after=5)
+    assert b.tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]   # ceil(0.75 * 5) = 4: the cache stops at 4
+    for r, expected in ((0.1, 0.6515), (0.5, 0.7427)):
+        b = kl.budget_schedule(2048, keep_ratio=r, prune_after=1000)
+        assert abs((b.double() / torch.arange(1, 2049)).mean().item() - expected) < 1e-4
+    with pytest.raises(ValueError, match="prune_after"):
+        kl.budget_schedule(10, max_cache=4, prune_after=5)
+    with pytest.raises(ValueError, match="prune_after"):
+        kl.budget_schedule(10, keep_ratio=0.5, prune_after=0)
+
+
+@pytest.mark.parametrize("engine", ["one_pass", "sequential"])
+def test_burst_protocol_matches_an_independent_loop(tiny64, ids48, engine):
+    """Both engines reproduce the reference loop's perplexity to 1e-10 (float64), and the result
+    carries the effective kept fraction."""
+    ref_ppl, lengths = reference_burst_ppl(tiny64, ids48, 0.5, 10, (0, 1))
+    res = kl.streaming_ppl(tiny64, ids48, "knorm", keep_ratio=0.5, prune_after=10, skip_layers=(0, 1),
+                           engine=engine, order="by_norm")
+    assert abs(res.ppl - ref_ppl) / ref_ppl < 1e-10
+    budget = kl.budget_schedule(48, keep_ratio=0.5, prune_after=10)
+    assert [row[2] for row in lengths] == budget[:47].tolist()          # compressed layers follow the schedule
+    assert res.meta["final_cache_len"] == int(budget[-1])
+    expected = (budget.double() / torch.arange(1, 49)).mean().item()
+    assert res.meta["mean_kept_fraction"] == pytest.approx(expected, rel=1e-12)
+    assert res.meta["mean_cache_fraction"] == pytest.approx(0.5 * expected + 0.5, rel=1e-12)   # 2 of 4 layers skipped
+    assert res.kl_mean > 0
+
+
+def test_real_model_burst_engines_agree(real_model, news_ids):
+    """SmolLM2, float32, the paper's skip_layers (0, 1): both engines and the reference loop agree to
+    1e-4 relative in perplexity."""
+    model, _ = real_model
+    ids = news_ids[:, :160]
+    ref_ppl, _ = reference_burst_ppl(model, ids, 0.5, 64, (0, 1))
+    for engine in ("one_pass", "sequential"):
+        res = kl.streaming_ppl(model, ids, "knorm", keep_ratio=0.5, prune_after=64, engine=engine)
+        assert abs(res.ppl - ref_ppl) / ref_ppl < 1e-4, engine
+
+
+@pytest.mark.parametrize("policy", ["knorm", "random", "high_norm"])
+@pytest.mark.parametrize("schedule", [dict(keep_ratio=0.5), dict(max_cache=12), dict(keep_ratio=0.5, prune_after=16)],
+                         ids=["per-token", "max-cache", "burst"])
+def test_recent_window_engines_agree_and_protect_the_window(tiny64, ids48, policy, schedule):
+    """recent_window=w: the w newest tokens are never evicted while the budget holds them; both
+    engines take the same eviction steps."""
+    w = 6
+    seq = kl.streaming_ppl(tiny64, ids48, policy, skip_layers=(), engine="sequential", recent_window=w, **schedule)
+    one = kl.streaming_ppl(tiny64, ids48, policy, skip_layers=(), engine="one_pass", recent_window=w, **schedule)
+    torch.testing.assert_close(one.nll, seq.nll, rtol=1e-10, atol=1e-10)
+    budget = kl.budget_schedule(48, **schedule)
+    for layer, evict in seq.evictions.items():
+        assert torch.equal(evict, one.evictions[layer])
+        for j in range(48):
+            protected_until = min(j + w, 48)
+            if all(int(budget[t]) >= w for t in range(j, protected_until)):
+                assert bool((evict[:, j] >= protected_until).all()), (layer, j)
+    plain = kl.streaming_ppl(tiny64, ids48, policy, skip_layers=(), engine="sequential", **schedule)
+    assert any(not torch.equal(plain.evictions[i], seq.evictions[i]) for i in seq.evictions)
+
+
+def test_recent_window_bad_input(tiny64, ids48):
+    with pytest.raises(ValueError, match="recent_window"):
+        kl.streaming_ppl(tiny64, ids48, "knorm", keep_ratio=0.5, recent_window=-1)
+    with pytest.raises(ValueError, match="recent_window"):
+        kl.streaming_ppl(tiny64, ids48, "h2o", keep_ratio=0.5, recent_window=4)
+
+
+def test_streaming_sweep_equals_separate_calls(tiny64, ids40):
+    cfgs = [dict(policy="knorm", keep_ratio=0.5), dict(policy="streaming", max_cache=8)]
+    swept = kl.streaming_sweep(tiny64, ids40, cfgs)
+    for cfg, res in zip(cfgs, swept):
+        alone = kl.streaming_ppl(tiny64, ids40, **cfg)
+        torch.testing.assert_close(res.nll, alone.nll)
+        torch.testing.assert_close(res.kl, alone.kl)
+
+
+def test_streaming_full_budget_reuses_the_reference(tiny64, ids40):
+    """keep_ratio 1.0 with a reference given: no forward, and the same numbers as running it."""
+    ref = kl.full_logits(tiny64, ids40)
+    shortcut = kl.streaming_ppl(tiny64, ids40, "knorm", keep_ratio=1.0, skip_layers=(), reference_logits=ref)
+    ran = kl.streaming_ppl(tiny64, ids40, "knorm", keep_ratio=1.0, skip_layers=())
+    torch.testing.assert_close(shortcut.nll, ran.nll, rtol=1e-10, atol=1e-10)
+    assert shortcut.evictions == {} and shortcut.kl_mean == 0
+
+
+@pytest.mark.parametrize("engine", ["one_pass", "sequential"])
+@pytest.mark.parametrize("schedule", [dict(keep_ratio=0.5), dict(max_cache=6)], ids=["keep_ratio", "max_cache"])
+def test_streaming_engines_evict_the_oldest_of_tied_tokens(tiny64, all_tied, engine, schedule):
+    """All scores equal: after step t the newest budget[t] tokens remain, in both engines."""
+    n = 24
+    ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(6))
+    budget = kl.budget_schedule(n, **schedule)
+    res = kl.streaming_ppl(tiny64, ids, all_tied, skip_layers=(), engine=engine, **schedule)
+    # the rule: token j is evicted at the first step t with j <= t - budget[t]
+    expected = torch.full((n,), n, dtype=torch.long)
+    for t in range(n):
+        for j in range(t + 1):
+            if expected[j] == n and j <= t - int(budget[t]):
+                expected[j] = t
+    for evict in res.evictions.values():
+        assert bool((evict == expected).all())
+
+
+def test_engines_agree_on_exact_ties_of_repeated_tokens(tiny64):
+    """knorm over a text that repeats a few tokens, every layer compressed: layer 0's keys of a
+    repeated token tie in norm, and both engines take the same decisions."""
+    ids = torch.tensor([[5, 6, 7, 8] * 8])
+    seq = kl.streaming_ppl(tiny64, ids, "knorm", keep_ratio=0.5, skip_layers=(), engine="sequential")
+    one = kl.streaming_ppl(tiny64, ids, "knorm", keep_ratio=0.5, skip_layers=(), engine="one_pass")
+    for layer in seq.evictions:
+        assert torch.equal(seq.evictions[layer], one.evictions[layer]), f"layer {layer}"
+    torch.testing.assert_close(one.nll, seq.nll, rtol=1e-9, atol=1e-9)
+

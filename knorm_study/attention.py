@@ -1,0 +1,183 @@
+"""Why KnormPress works (02_attention_correlation): low key norm <-> high attention received.
+
+Two measurements, both read from the attention probabilities of one full forward: the attention
+each key receives (``attention_received``, correlated with its norm in ``spearman_table``) and
+the attention the continuation pays to context keys a policy would evict (``attention_mass_lost``,
+``attention_lost``). ``summarize`` collects the recorded summary; ``findings`` / ``headline`` turn
+a recorded result into the prose of the notebook and of REPORT.md / README.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+import knorm_lib as kl
+
+
+def check_sizes(sizes: dict[str, Any]) -> None:
+    """The notebook's sizes against each other, before any heavy work: ``context_len`` leaves at
+    least two of the ``n_tokens`` to score."""
+    kl._check_context_len(sizes["context_len"], sizes["n_tokens"])
+
+
+def _per_kv_head_attention(model: Any, ids: torch.Tensor,
+                           reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One forward over ``ids`` (no cache); per layer, ``reduce(probabilities (B, H_q, q, k))``
+    averaged over the query heads of each KV head: float32 ``(layers, H_kv, ...)``."""
+    n_kv = model.config.num_key_value_heads
+    groups = model.config.num_attention_heads // n_kv
+    per_layer: dict[int, torch.Tensor] = {}
+
+    def record(layer_idx: int, probs: torch.Tensor) -> None:
+        per_layer[layer_idx] = kl._per_kv_head(reduce(probs), n_kv)[0].float() / groups
+
+    with kl.recording_attention(record):
+        model(input_ids=ids, use_cache=False)
+    return torch.stack([per_layer[i] for i in sorted(per_layer)])
+
+
+@torch.inference_mode()
+def attention_received(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean attention each key receives, float32, ``(layers, H_kv, positions)``.
+
+    Causal normalisation: key ``j`` is visible to the ``n - j`` queries ``j..n-1`` only, so a plain
+    sum favours early keys merely because more queries see them; the sum is divided by ``n - j``
+    (the mean over the queries that can see the key). Query heads sharing a KV head are averaged."""
+    ids = kl._check_ids(input_ids).to(model.device)
+    seen_by = torch.arange(ids.shape[1], 0, -1, device=ids.device, dtype=torch.float32)
+    return _per_kv_head_attention(model, ids, lambda probs: probs.sum(2)) / seen_by
+
+
+@torch.inference_mode()
+def future_attention(model: Any, input_ids: torch.Tensor, context_len: int) -> tuple[torch.Tensor, kl.KVCache]:
+    """Mean attention that the continuation's queries (positions ``context_len..n-1``) pay to each
+    context key, ``(layers, H_kv, context_len)`` float32 (query heads of a group averaged), and the
+    context's cache (the keys a policy would score after prefilling the context)."""
+    ids = kl._check_ids(input_ids).to(model.device)
+    kl._check_context_len(context_len, ids.shape[1])
+    future = _per_kv_head_attention(model, ids, lambda probs: probs[:, :, context_len:, :context_len].mean(2))
+    return future, kl.prefill(model, ids[:, :context_len]).cache
+
+
+def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratios: Sequence[float],
+                        policies: Sequence[str] = ("knorm", "random", "high_norm"),
+                        options: kl.PolicyOptions = kl.PolicyOptions()) -> list[dict[str, Any]]:
+    """Fraction of the continuation queries' attention that falls on context keys a policy evicts,
+    per layer, KV head, policy and keep_ratio. ``"oracle"`` evicts the least-attended keys (by the
+    same future attention): the smallest loss any policy evicting that many keys can reach."""
+    future, cache = future_attention(model, input_ids, context_len)
+    rows = []
+    for policy in [*policies, "oracle"]:
+        scores = ([f[None] for f in future] if policy == "oracle" else kl.policy_scores(cache, policy, options))
+        for keep_ratio in keep_ratios:
+            n_kept = kl.n_kept_for(context_len, keep_ratio)
+            for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
+                positions = torch.arange(attn.shape[-1]).expand_as(attn)
+                kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(
+                    -1, kl.keep_indices(layer_scores[0], positions, n_kept), True)
+                lost = (attn * ~kept).sum(-1)
+                for head in range(attn.shape[0]):
+                    rows.append({"policy": policy, "keep_ratio": keep_ratio, "layer": layer, "kv_head": head,
+                                 "mass_lost": lost[head].item(), "mass_on_context": attn[head].sum().item()})
+    return rows
+
+
+def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> Any:
+    """Per ``(corpus, document)``, layer and KV head: Spearman ρ between key norm and (causally
+    normalised) attention received, first token excluded (``spearman``) and included
+    (``spearman_with_sink``), the first token's attention, and the fraction of keys with a lower
+    norm than it. The last 10 % of positions are dropped: few queries see them to average over."""
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for corpus, doc in docs:
+        norms = kl.key_norms(model, doc.input_ids)                # (layers, H_kv, n)
+        received = attention_received(model, doc.input_ids)      # (layers, H_kv, n), causal mean
+        stop = int(0.9 * norms.shape[-1])
+        for layer in range(norms.shape[0]):
+            for head in range(norms.shape[1]):
+                k, a = norms[layer, head, :stop], received[layer, head, :stop]
+                rows.append({"corpus": corpus, "document": doc.title, "layer": layer, "kv_head": head,
+                             "spearman": stats.spearmanr(k[1:].numpy(), a[1:].numpy()).statistic,
+                             "spearman_with_sink": stats.spearmanr(k, a).statistic,
+                             "sink_attention": float(a[0]),
+                             "sink_norm_rank": float((k < k[0]).float().mean())})
+    return pd.DataFrame(rows)
+
+
+def attention_lost(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], context_len: int,
+                   keep_ratios: Sequence[float], policies: Sequence[str]) -> tuple[Any, Any]:
+    """``attention_mass_lost`` for every document, as a DataFrame with ``fraction_lost`` (of the
+    attention on the context), and the curve the notebook records: per policy and keep_ratio, the
+    mean over layers ≥ 2 and heads, then mean and 95 % interval over documents."""
+    import pandas as pd
+
+    from knorm_study import intervals
+
+    lost = pd.DataFrame([{"corpus": corpus, "document": doc.title, **r} for corpus, doc in docs
+                         for r in attention_mass_lost(model, doc.input_ids, context_len, keep_ratios, policies)])
+    lost["fraction_lost"] = lost.mass_lost / lost.mass_on_context
+    per_doc = lost[lost.layer >= 2].groupby(["policy", "keep_ratio", "document"]).fraction_lost.mean().reset_index()
+    return lost, intervals.aggregate(per_doc.to_dict("records"), ["policy", "keep_ratio"], ["fraction_lost"])
+
+
+def summarize(corr: Any, lost_curve: Any) -> dict[str, Any]:
+    """The recorded summary: mean ρ per layer, in layers 0-1 and ≥ 2, the share of negative cells
+    in layers ≥ 2, the sink's attention, and the attention lost per ``policy@keep_ratio``."""
+    per_layer = corr.groupby("layer").spearman.mean()
+    curve = lost_curve.set_index(["policy", "keep_ratio"]).fraction_lost
+    return {
+        "spearman_mean_by_layer": per_layer.to_dict(),
+        "spearman_mean_layers_0_1": float(per_layer.loc[:1].mean()),
+        "spearman_mean_layers_2plus": float(per_layer.loc[2:].mean()),
+        "fraction_heads_negative_layers_2plus": float((corr[corr.layer >= 2].spearman < 0).mean()),
+        "sink_attention_mean": float(corr.sink_attention.mean()),
+        "fraction_lost": {f"{p}@{r}": float(v) for (p, r), v in curve.items()},
+    }
+
+
+def _mid_keep_ratio(keep_ratios: Sequence[float]) -> float:
+    return 0.5 if 0.5 in keep_ratios else sorted(keep_ratios)[len(keep_ratios) // 2]
+
+
+def _holds(s: dict[str, Any]) -> bool:
+    """The paper's claim: ρ negative beyond the first layers, and below the first layers' ρ."""
+    late, early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
+    return late < 0 and late < early
+
+
+def findings(record: dict[str, Any]) -> str:
+    """What the numbers say (Markdown), from a recorded result of 02_attention_correlation (the
+    whole JSON record): the notebook's last cell and REPORT.md's section both print this."""
+    s = record["results"]["summary"]
+    mid = _mid_keep_ratio(record["parameters"]["keep_ratios"])
+    lost = lambda p: s["fraction_lost"].get(f"{p}@{mid}", math.nan)
+    holds = _holds(s)
+    return f"""- **Low norm ↔ high attention:** mean Spearman ρ is {s['spearman_mean_layers_2plus']:.2f} in layers ≥ 2
+  ({s['fraction_heads_negative_layers_2plus']:.0%} of (document, layer, head) cells negative) against {s['spearman_mean_layers_0_1']:.2f} in layers 0–1.
+  The paper's finding — negative except in the first layers — {'holds' if holds else 'does not hold'} on this model,
+  {'which supports' if holds else 'which does not support'} the default `skip_layers=(0, 1)`.
+- **The attention sink** (first token) receives on average {s['sink_attention_mean']:.3f} of each query's attention.
+- **Attention lost at keep_ratio {mid}** (layers ≥ 2): knorm {lost('knorm'):.3f},
+  random {lost('random'):.3f}, high_norm {lost('high_norm'):.3f},
+  oracle {lost('oracle'):.3f} (the least any policy evicting as many keys can lose).
+"""
+
+
+def headline(record: dict[str, Any]) -> str:
+    """README's one-line finding from 02_attention_correlation."""
+    s = record["results"]["summary"]
+    mid = _mid_keep_ratio(record["parameters"]["keep_ratios"])
+    lost = lambda p: s["fraction_lost"].get(f"{p}@{mid}", math.nan)
+    rho_late, rho_early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
+    knorm_helps = lost("knorm") < lost("random")
+    return (f"- **Low norm ↔ high attention {'holds beyond the first layers' if _holds(s) else 'is weak token by token on this model'}:** "
+            f"mean Spearman ρ {rho_late:.2f} in layers ≥ 2 against {rho_early:.2f} in layers 0–1 (first token excluded). "
+            f"{'What KnormPress needs still holds' if knorm_helps else 'Evicting by norm does not beat random here'}: "
+            f"evicting by norm at keep_ratio {mid} loses {lost('knorm'):.1%} of "
+            f"the continuation's attention (random {lost('random'):.1%}, oracle {lost('oracle'):.1%})"
+            + (", consistent with the attention sink having a low key norm (notebook 01).\n" if knorm_helps else ".\n"))

@@ -1,0 +1,158 @@
+"""Key-norm distributions (01_norm_distributions): which tokens have low key norms.
+
+The analysis works on one long table (``norm_table``: a row per document, layer, KV head and
+position); each function below is one step of the notebook, ``summarize`` collects the recorded
+summary and ``findings`` / ``headline`` turn a recorded result into the prose of the notebook and
+of REPORT.md / README.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+import knorm_lib as kl
+
+TOKEN_KINDS: tuple[str, ...] = ("first", "newline", "punctuation", "stop_word", "other")
+
+
+STOP_WORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being
+it its this that these those he she they we you i his her their our your not no so than then there here which who
+whom what when where why how all any each also has have had do does did will would can could may might""".split())
+
+
+def token_kinds(tokenizer: Any, input_ids: torch.Tensor) -> list[str]:
+    """A kind per token, for grouping norms: ``first`` (the attention sink; these sequences carry no
+    BOS), ``newline``, ``punctuation``, ``stop_word`` (short English function words), ``other``."""
+    kinds = []
+    for i, token_id in enumerate(kl._check_ids(input_ids)[0].tolist()):
+        text = tokenizer.decode([token_id])
+        word = text.strip()
+        if i == 0:
+            kinds.append("first")
+        elif "\n" in text:
+            kinds.append("newline")
+        elif word and not any(c.isalnum() for c in word):
+            kinds.append("punctuation")
+        elif word.lower() in STOP_WORDS:
+            kinds.append("stop_word")
+        else:
+            kinds.append("other")
+    return kinds
+
+
+def norm_table(model: Any, tokenizer: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> Any:
+    """One prefill per ``(corpus, document)``: a pandas DataFrame with one row per (document, layer,
+    KV head, position) and the columns ``key_norm``, ``value_norm``, ``corpus``, ``document``, ``kind``."""
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for corpus, doc in docs:
+        cache = kl.prefill(model, doc.input_ids).cache
+        kn, vn = kl.key_norms(cache), kl.value_norms(cache)   # (layers, H_kv, positions)
+        kinds = token_kinds(tokenizer, doc.input_ids)
+        n_layers, n_heads, n = kn.shape
+        idx = pd.MultiIndex.from_product([range(n_layers), range(n_heads), range(n)],
+                                         names=["layer", "kv_head", "position"])
+        frames.append(pd.DataFrame({"key_norm": kn.flatten().numpy(), "value_norm": vn.flatten().numpy()}, index=idx)
+                      .reset_index().assign(corpus=corpus, document=doc.title, kind=np.tile(kinds, n_layers * n_heads)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def sink_ratio(norms: Any) -> Any:
+    """The first token's key norm over the median norm of the other tokens of its document, layer
+    and head, averaged over documents: a DataFrame, layers × KV heads."""
+    first = norms[norms.position == 0].set_index(["document", "layer", "kv_head"]).key_norm
+    rest = norms[norms.position > 0].groupby(["document", "layer", "kv_head"]).key_norm.median()
+    return (first / rest).groupby(["layer", "kv_head"]).mean().unstack()
+
+
+def norm_by_kind(norms: Any) -> tuple[Any, Any]:
+    """Per layer, the median key norm of each token kind over the layer's median (DataFrame, layers ×
+    kinds in ``TOKEN_KINDS`` order), and the number of tokens of each kind (one layer and head)."""
+    layer_median = norms.groupby("layer").key_norm.median()
+    by_kind = norms.groupby(["layer", "kind"]).key_norm.median().unstack()
+    relative = by_kind.div(layer_median, axis=0)[[k for k in TOKEN_KINDS if k in by_kind.columns]]
+    counts = norms[(norms.layer == 0) & (norms.kv_head == 0)].kind.value_counts()
+    return relative, counts
+
+
+def head_stability(norms: Any) -> list[dict[str, Any]]:
+    """For each pair of documents, the Spearman correlation of the per-head median key norms (one
+    value per layer × KV head, first token excluded): close to 1 when each head keeps its character."""
+    from scipy import stats
+
+    medians = norms[norms.position > 0].groupby(["document", "layer", "kv_head"]).key_norm.median().unstack(0)
+    pairs = [(a, b) for i, a in enumerate(medians.columns) for b in medians.columns[i + 1:]]
+    return [{"doc_a": a, "doc_b": b, "spearman": stats.spearmanr(medians[a], medians[b]).statistic} for a, b in pairs]
+
+
+def summarize(norms: Any, n_early: int, n_documents: int) -> dict[str, Any]:
+    """The recorded summary: the sink ratio, early against late positions, token kinds, head
+    stability across documents, and the key/value norm correlation."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    ratio = sink_ratio(norms)
+    early = norms[(norms.position > 0) & (norms.position < n_early)].groupby("layer").key_norm.median()
+    late = norms[norms.position >= n_early].groupby("layer").key_norm.median()
+    deep = ratio.loc[2:]
+    stability = pd.DataFrame(head_stability(norms), columns=["doc_a", "doc_b", "spearman"])
+    return {
+        "n_documents": n_documents,
+        "sink_ratio_median_all": float(np.median(ratio.to_numpy())),
+        "sink_ratio_median_layers_2plus": float(np.median(deep.to_numpy())) if len(deep) else None,
+        "fraction_heads_sink_below_median": float((ratio < 1).to_numpy().mean()),
+        "early_over_late_median_norm": (early / late).to_dict(),
+        "median_norm_by_kind_relative": norm_by_kind(norms)[0].median().to_dict(),
+        "head_stability_spearman_mean": float(stability.spearman.mean()) if len(stability) else None,
+        "key_value_norm_spearman": float(stats.spearmanr(norms.key_norm, norms.value_norm).statistic),
+        "key_norm_by_layer": norms.groupby("layer").key_norm.median().to_dict(),
+    }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def findings(record: dict[str, Any]) -> str:
+    """What the numbers say (Markdown), from a recorded result of 01_norm_distributions (the whole
+    JSON record): the notebook's last cell and REPORT.md's section both print this."""
+    s = record["results"]["summary"]
+    kinds = sorted(s["median_norm_by_kind_relative"].items(), key=lambda kv: kv[1])
+    below = s["fraction_heads_sink_below_median"]
+    stab = s["head_stability_spearman_mean"]
+    if below > 0.5:
+        sink = "**The first token has a low key norm.**"
+        keeps = "KnormPress therefore tends to keep the attention sink."
+    else:
+        sink = "**The first token does not stand out by a low key norm.**"
+        keeps = "KnormPress is therefore not guaranteed to keep the attention sink."
+    if stab is None:
+        heads = "**Head stability across documents** is not measured: one document only."
+    else:
+        heads = (f"**Heads {'keep' if stab >= 0.5 else 'do not keep'} their character across documents**: mean Spearman "
+                 f"correlation of per-head median norms between documents {stab:.3f}.")
+    return f"""{s['n_documents']} documents.
+
+- {sink} Its key norm is below the median of the other tokens in
+  {below:.0%} of (layer, KV head) pairs; the median ratio is {s['sink_ratio_median_all']:.2f}
+  (layers ≥ 2: {_num(s['sink_ratio_median_layers_2plus'], '.2f')}). {keeps}
+- **Token kinds**, median key norm relative to the layer median (median over layers), lowest first:
+  {", ".join(f"{k} {v:.2f}" for k, v in kinds)}.
+- {heads}
+- **Key and value norms** correlate with Spearman {s['key_value_norm_spearman']:.2f} over all tokens, layers and heads.
+"""
+
+
+def headline(record: dict[str, Any]) -> str:
+    """README's one-line finding from 01_norm_distributions."""
+    below = record["results"]["summary"]["fraction_heads_sink_below_median"]
+    if below > 0.5:
+        return (f"- **The attention sink has a low key norm:** the first token's key norm is below the median in "
+                f"{below:.0%} of (layer, head) pairs, so KnormPress keeps it unasked.\n")
+    return (f"- **The attention sink does not have a conspicuously low key norm:** the first token's key norm is "
+            f"below the median in only {below:.0%} of (layer, head) pairs.\n")

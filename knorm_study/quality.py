@@ -1,0 +1,320 @@
+"""Quality trade-offs (04_quality_tradeoffs, 05): how far keep_ratio can go, and generation agreement.
+
+04's steps: ``variants`` (one line per policy in every table and figure), ``prefill_sweep`` (one
+prefill per document, every configuration) timed against re-prefilling by ``reprefill_speed``,
+``streaming_rows``, ``curves`` (each configuration against its own document's full cache),
+``aggregates`` and ``thresholds``. ``findings`` / ``headline`` turn a recorded result into the prose
+of the notebook and of REPORT.md / README.md; ``streaming_findings`` / ``streaming_headline`` do
+the same for scripts/streaming_numbers.py's streaming-protocol results.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+import knorm_lib as kl
+
+METRICS: tuple[str, ...] = ("ppl", "next_token_acc", "kl", "top1_agree")
+PROTOCOLS: tuple[str, ...] = ("prefill", "streaming")
+TOLERANCES: tuple[float, ...] = (0.01, 0.05)   # the PPL increases the thresholds are measured at
+
+Variant = tuple[str, str, tuple[int, ...]]   # (label, policy, skip_layers)
+
+
+def keep_ratio_thresholds(rows: Sequence[dict[str, Any]], by: Sequence[str], tolerances: Sequence[float] = (0.01, 0.05),
+                          metric: str = "ppl") -> Any:
+    """Per ``by`` group: the smallest keep_ratio whose ``metric`` stays within each tolerance of the
+    full cache (keep_ratio 1.0), where "within" means the mean over documents of
+    ``metric / metric at 1.0`` is at most ``1 + tolerance`` at that keep_ratio *and at every larger
+    one measured* (so a lucky dip below the line does not count). ``None`` where even the largest
+    compressed keep_ratio fails. Rows need ``document``, ``keep_ratio`` and ``metric``; each group
+    needs its own keep_ratio 1.0 rows."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    missing = {"document", "keep_ratio", metric, *by} - set(df.columns)
+    if missing:
+        raise ValueError(f"rows: missing column(s) {sorted(missing)}")
+    for tol in tolerances:
+        kl._require(isinstance(tol, numbers.Real) and tol >= 0, "tolerances", tolerances, "non-negative numbers")
+    out = []
+    for key, group in df.groupby(list(by), sort=False):
+        full = group[group.keep_ratio == 1.0].set_index("document")[metric]
+        if full.empty:
+            raise ValueError(f"rows: group {key} has no keep_ratio 1.0 rows to compare with")
+        rel = (group.assign(rel=group[metric] / group.document.map(full))
+               .groupby("keep_ratio").rel.mean().sort_index(ascending=False))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for tol in tolerances:
+            smallest = None
+            for keep_ratio, ratio in rel.items():
+                if ratio > 1 + tol:
+                    break
+                smallest = keep_ratio
+            row[f"within_{tol:g}"] = None if smallest == 1.0 else smallest
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def generation_agreement(generated: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Matching-prefix length and per-position token agreement of two greedy generations."""
+    n = min(len(generated), len(reference))
+    same = (generated[:n] == reference[:n])
+    mismatch = (~same).nonzero()
+    prefix = int(mismatch[0]) if len(mismatch) else n
+    return {"matching_prefix": prefix, "token_agreement": same.float().mean().item() if n else float("nan")}
+
+
+def check_keep_ratios(keep_ratios: Sequence[float]) -> None:
+    """04's keep_ratios must include 1.0: the full cache every ratio and threshold is measured against."""
+    kl._require(1.0 in keep_ratios, "keep_ratios", keep_ratios,
+                "a list that includes 1.0 (the full cache every threshold is measured against)")
+
+
+def variants(policies: Sequence[str], skip_layers: Sequence[int], knorm_all_layers: bool) -> list[Variant]:
+    """``(label, policy, skip_layers)`` per policy, all leaving ``skip_layers`` uncompressed, and
+    second, if ``knorm_all_layers``, "knorm (all layers)" compressing every layer."""
+    out = [(p, p, tuple(skip_layers)) for p in policies]
+    if knorm_all_layers:
+        out.insert(1, ("knorm (all layers)", "knorm", ()))
+    return out
+
+
+def variant_order(*groups: Sequence[Variant]) -> list[str]:
+    """Every label once, in order of first appearance: the legend and table order."""
+    return list(dict.fromkeys(label for group in groups for label, _, _ in group))
+
+
+@dataclass
+class PrefillSweep:
+    """The prefill protocol's sweeps: one row per document and configuration, and what the
+    re-prefill timing needs (the configurations, the last document's results and sweep time)."""
+    rows: Any                          # pandas DataFrame
+    seconds: list[float]               # one sweep time per document
+    configs: list[kl.EvalConfig]       # the full cache first, then every variant × keep_ratio < 1
+    last_results: list[kl.EvalResult]  # the last document's results, in ``configs`` order
+
+
+def prefill_sweep(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], context_len: int,
+                  variant_list: Sequence[Variant], keep_ratios: Sequence[float],
+                  skip_layers: Sequence[int]) -> PrefillSweep:
+    """One ``kl.sweep`` per ``(corpus, document)``: the full cache (knorm at 1.0 with
+    ``skip_layers``), then every variant at every keep_ratio below 1; each sweep timed."""
+    import pandas as pd
+
+    compressed = [r for r in keep_ratios if r < 1.0]
+    configs = [kl.EvalConfig(1.0, "knorm", tuple(skip_layers))]
+    configs += [kl.EvalConfig(r, policy, s) for _, policy, s in variant_list for r in compressed]
+    labels = ["full cache"] + [label for label, _, _ in variant_list for _ in compressed]
+    rows, seconds, results = [], [], []
+    for corpus, doc in docs:
+        t0 = time.perf_counter()
+        results = kl.sweep(model, doc.input_ids, context_len, configs, progress=True)
+        seconds.append(time.perf_counter() - t0)
+        rows += [{"protocol": "prefill", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
+                 for label, res in zip(labels, results)]
+    return PrefillSweep(pd.DataFrame(rows), seconds, configs, results)
+
+
+def reprefill_speed(model: Any, doc: kl.TokenizedDoc, context_len: int, continuation_len: int,
+                    sweep: PrefillSweep, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Re-prefill ``doc`` (the sweep's last document) for every compressed configuration, timed
+    against the sweep; the metrics must agree within ``tolerance`` (else ``AssertionError``).
+    Forward-token ceiling: ``(n + 1)(C + T)`` re-prefilled against ``C + (n + 1) T`` shared."""
+    C, T = context_len, continuation_len
+    t0 = time.perf_counter()
+    reference_logits = kl.continuation_logits(model, kl.prefill(model, doc.input_ids[:, :C]).cache,
+                                              doc.input_ids[:, C:-1])
+    separate = [kl.sweep(model, doc.input_ids, C, [cfg], reference_logits=reference_logits)[0]
+                for cfg in sweep.configs[1:]]
+    separate_s = time.perf_counter() - t0
+    max_nll_diff = max(float((a.nll - b.nll).abs().max()) for a, b in zip(sweep.last_results[1:], separate))
+    max_kl_diff = max(float((a.kl - b.kl).abs().max()) for a, b in zip(sweep.last_results[1:], separate))
+    n_cfg = len(sweep.configs) - 1
+    tokens_separate, tokens_shared = (n_cfg + 1) * (C + T), C + (n_cfg + 1) * T
+    if max_nll_diff > tolerance or max_kl_diff > tolerance:
+        raise AssertionError(f"sweep and re-prefill disagree: NLL {max_nll_diff:.2e}, KL {max_kl_diff:.2e}")
+    return {"n_configs": n_cfg, "document": doc.title, "sweep_s": sweep.seconds[-1], "reprefill_s": separate_s,
+            "speedup": separate_s / sweep.seconds[-1], "forward_tokens_sweep": tokens_shared,
+            "forward_tokens_reprefill": tokens_separate, "token_ceiling": tokens_separate / tokens_shared,
+            "max_abs_nll_diff": max_nll_diff, "max_abs_kl_diff": max_kl_diff}
+
+
+def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], variant_list: Sequence[Variant],
+                   keep_ratios: Sequence[float], skip_layers: Sequence[int]) -> tuple[Any, list[float]]:
+    """One ``kl.streaming_sweep`` per document: the full cache (knorm at 1.0 with ``skip_layers``),
+    then every variant at every keep_ratio below 1. Rows as DataFrame, and seconds per document."""
+    import pandas as pd
+
+    compressed = [r for r in keep_ratios if r < 1.0]
+    configs = [dict(policy="knorm", keep_ratio=1.0, skip_layers=tuple(skip_layers))]
+    configs += [dict(policy=p, keep_ratio=r, skip_layers=s) for _, p, s in variant_list for r in compressed]
+    labels = ["full cache"] + [label for label, _, _ in variant_list for _ in compressed]
+    rows, seconds = [], []
+    for corpus, doc in docs:
+        t0 = time.perf_counter()
+        results = kl.streaming_sweep(model, doc.input_ids, configs, progress=True)
+        seconds.append(time.perf_counter() - t0)
+        rows += [{"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
+                 for label, res in zip(labels, results)]
+    return pd.DataFrame(rows), seconds
+
+
+def curves(frames: Sequence[Any], variants_by_protocol: dict[str, Sequence[Variant]]) -> tuple[Any, Any]:
+    """All rows (``frames`` concatenated) with ``ppl_ratio``, each configuration's PPL over its own
+    document's full cache (documents differ in difficulty); and the curves: the compressed rows
+    plus each protocol's full-cache rows once per variant (keep_ratio 1.0 belongs to every line)."""
+    import pandas as pd
+
+    df = pd.concat(frames, ignore_index=True)
+    full_ppl = df[df.variant == "full cache"].set_index(["protocol", "document"]).ppl
+    df["ppl_ratio"] = df.ppl / [full_ppl[(p, d)] for p, d in zip(df.protocol, df.document)]
+    full_rows = df[df.variant == "full cache"]
+    return df, pd.concat([df[df.variant != "full cache"]] + [
+        full_rows[full_rows.protocol == proto].assign(variant=label)
+        for proto, vs in variants_by_protocol.items() for label, _, _ in vs], ignore_index=True)
+
+
+def aggregates(curve_rows: Any) -> tuple[Any, Any]:
+    """Mean and 95 % interval over documents per protocol × corpus × variant × keep_ratio, and the
+    same pooled over corpora."""
+    from knorm_study import intervals
+
+    records, metrics = curve_rows.to_dict("records"), [*METRICS, "ppl_ratio"]
+    return (intervals.aggregate(records, ["protocol", "corpus", "variant", "keep_ratio"], metrics),
+            intervals.aggregate(records, ["protocol", "variant", "keep_ratio"], metrics))
+
+
+def thresholds(curve_rows: Any, order: Sequence[str]) -> Any:
+    """``keep_ratio_thresholds`` per protocol and variant at ``TOLERANCES``, in ``order``."""
+    import pandas as pd
+
+    out = keep_ratio_thresholds(curve_rows.to_dict("records"), ["protocol", "variant"], TOLERANCES)
+    out["variant"] = pd.Categorical(out.variant, order)
+    out = out.sort_values(["protocol", "variant"]).reset_index(drop=True)
+    out["variant"] = out.variant.astype(str)
+    return out
+
+
+def _ratio_text(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{v:g}"
+
+
+def thresholds_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The thresholds (records of ``thresholds``) as a Markdown table; "—": even the largest
+    compressed keep_ratio fails."""
+    head = "| protocol | policy | " + " | ".join(("smallest keep_ratio " if i == 0 else "") + f"within {t * 100:g} %"
+                                                  for i, t in enumerate(TOLERANCES)) + " |"
+    lines = [head, "|---|---|" + "---|" * len(TOLERANCES)]
+    lines += [f"| {r['protocol']} | {r['variant']} | " + " | ".join(_ratio_text(r[f"within_{t:g}"]) for t in TOLERANCES)
+              + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _mid_keep_ratio(keep_ratios: Sequence[float]) -> float:
+    return 0.5 if 0.5 in keep_ratios else sorted(keep_ratios)[len(keep_ratios) // 2]
+
+
+def _recorded_variants(p: dict[str, Any]) -> dict[str, list[Variant]]:
+    return {"prefill": variants(p["policies"], p["skip_layers"], p["knorm_all_layers"]),
+            "streaming": variants(p["streaming_policies"], p["skip_layers"], p["knorm_all_layers"])}
+
+
+def findings(record: dict[str, Any]) -> str:
+    """What the numbers say (Markdown), from a recorded result of 04_quality_tradeoffs (the whole
+    JSON record): the notebook's last cell and REPORT.md's section both print this."""
+    r, p = record["results"], record["parameters"]
+    sizes, speed = p["sizes"], r["sweep_speed"]
+    by_proto = _recorded_variants(p)
+    labels = {proto: [label for label, _, _ in vs] for proto, vs in by_proto.items()}
+
+    def rel(proto: str, label: str, k: float) -> float:
+        """Mean over documents of PPL / full-cache PPL, minus 1."""
+        x = next((x["ppl_ratio"] for x in r["pooled"]
+                  if x["protocol"] == proto and x["variant"] == label and x["keep_ratio"] == k), None)
+        return math.nan if x is None else float(x) - 1
+
+    def full_ppl(proto: str) -> str:
+        return ", ".join(f"{x['corpus']} {x['ppl']:.2f}" for x in r["aggregate"]
+                         if x["protocol"] == proto and x["variant"] == "knorm" and x["keep_ratio"] == 1.0)
+
+    r_mid, r_lo = _mid_keep_ratio(p["keep_ratios"]), min(p["keep_ratios"])
+    best = {proto: min((rel(proto, label, r_mid), label) for label in ls) for proto, ls in labels.items()}
+    changes = lambda proto, k, fmt: ", ".join(f"{label} {rel(proto, label, k):{fmt}}" for label in labels[proto])
+    lines = [f"**Prefill protocol** ({len(r['prefill_documents'])} documents, {sizes['context_len']} + "
+             f"{sizes['continuation_len']} tokens): the full cache gives perplexity {full_ppl('prefill')} (mean per "
+             f"corpus). Perplexity change at keep_ratio {r_mid} (mean over documents of the ratio to their full cache): "
+             f"the best policy is {best['prefill'][1]} ({best['prefill'][0]:+.1%}); {changes('prefill', r_mid, '+.1%')}.",
+             f"**Streaming protocol** ({len(r['stream_documents'])} documents, {sizes['stream_tokens']} tokens): full "
+             f"cache {full_ppl('streaming')}; at keep_ratio {r_mid} the best is {best['streaming'][1]} "
+             f"({best['streaming'][0]:+.1%}); {changes('streaming', r_mid, '+.1%')}."]
+    ranks = {proto: 1 + sorted(rel(proto, label, r_mid) for label in ls).index(rel(proto, "knorm", r_mid))
+             for proto, ls in labels.items() if "knorm" in ls}
+    if ranks:
+        lines.append("KnormPress ranks " + " and ".join(f"{ranks[proto]} of {len(labels[proto])} in the {proto} protocol"
+                                                      for proto in labels if proto in ranks) + f" at keep_ratio {r_mid}.")
+    if p["knorm_all_layers"]:
+        lines.append("Compressing layers 0 and 1 too costs KnormPress " + "; ".join(
+            f"{rel(proto, 'knorm (all layers)', r_mid) - rel(proto, 'knorm', r_mid):+.1%} of perplexity ({proto}, "
+            f"keep_ratio {r_mid})" for proto in PROTOCOLS) + ".")
+    lines.append(f"At keep_ratio {r_lo}: " + "; ".join(f"{proto}: {changes(proto, r_lo, '+.0%')}" for proto in labels)
+                 + ".")
+    lines.append(f"**One prefill, many configurations**: the full cache and {speed['n_configs']} compressed "
+                 f"configurations of {speed['document']} took {speed['sweep_s']:.1f} s with one prefill and "
+                 f"{speed['reprefill_s']:.1f} s re-prefilling each, a **{speed['speedup']:.2f}×** "
+                 f"{'speedup' if speed['speedup'] > 1 else 'ratio (no speedup)'} (forward-token ceiling "
+                 f"{speed['token_ceiling']:.2f}×), with identical metrics (largest NLL difference "
+                 f"{speed['max_abs_nll_diff']:.1e}).")
+    return "\n\n".join(lines) + "\n"
+
+
+def headline(record: dict[str, Any]) -> str:
+    """README's one-line finding from 04_quality_tradeoffs."""
+    r = record["results"]
+    speed = r["sweep_speed"]["speedup"]
+    within = lambda proto: "; ".join(f"{x['variant']} {_ratio_text(x['within_0.05'])}"
+                                     for x in r["thresholds"] if x["protocol"] == proto)
+    return (f"- **How far each policy compresses with perplexity within 5 % of the full cache** (smallest keep_ratio): "
+            f"prefill protocol: {within('prefill')}. Streaming protocol: {within('streaming')}. "
+            + (f"One prefill for every configuration is {speed:.1f}× faster than re-prefilling" if speed > 1 else
+               f"One prefill for every configuration is not faster than re-prefilling here ({speed:.2f}×)")
+            + ", with identical metrics.\n")
+
+
+def _streaming_table(record: dict[str, Any]) -> tuple[float, list[float], dict[str, dict[float, dict[str, Any]]]]:
+    """streaming_numbers.py's rows: the full-cache PPL, the keep_ratios (descending) and the rows
+    per policy and keep_ratio."""
+    rows = record["results"]["rows"]
+    by_policy: dict[str, dict[float, dict[str, Any]]] = {}
+    for x in rows[1:]:
+        by_policy.setdefault(x["policy"], {})[x["keep_ratio"]] = x
+    return rows[0]["ppl"], sorted({x["keep_ratio"] for x in rows[1:]}, reverse=True), by_policy
+
+
+def streaming_findings(record: dict[str, Any]) -> str:
+    """What scripts/streaming_numbers.py's results say (Markdown), for REPORT.md: the best policy
+    at each keep_ratio and where KnormPress ranks."""
+    full, ratios, by_policy = _streaming_table(record)
+    parts = []
+    for k in ratios:
+        ranked = sorted((x[k]["ppl"], policy) for policy, x in by_policy.items() if k in x)
+        knorm = [policy for _, policy in ranked].index("knorm") + 1 if "knorm" in by_policy else None
+        parts.append(f"at keep_ratio {k} the lowest PPL is {ranked[0][1]}'s ({ranked[0][0]:.2f}, "
+                     f"{ranked[0][0] / full - 1:+.1%} over the full cache)"
+                     + (f", KnormPress ranks {knorm} of {len(ranked)}" if knorm else ""))
+    return "Streaming perplexity against the full cache's " + f"{full:.2f}: " + "; ".join(parts) + ".\n"
+
+
+def streaming_headline(record: dict[str, Any]) -> str:
+    """README's one-line finding from scripts/streaming_numbers.py."""
+    full, ratios, by_policy = _streaming_table(record)
+    tokens = record["parameters"]["tokens"]
+    fmt = lambda policy: "/".join(f"{by_policy[policy][k]['ppl']:.1f}" for k in ratios if k in by_policy[policy])
+    return (f"- **Streaming protocol (cache cut back after every token, {tokens} tokens, full cache {full:.2f}), PPL at "
+            f"keep_ratio {'/'.join(str(k) for k in ratios)}:** " + "; ".join(f"{p} {fmt(p)}" for p in by_policy) + ".\n")

@@ -1,0 +1,179 @@
+"""Notebook plumbing: profiles and parameters, result files, figures, atomic JSON, machine info."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import knorm_lib as kl
+PROFILES: tuple[str, ...] = ("quick", "full", "large")
+
+
+# Where notebooks record results and figures. Only `make report` writes the committed ones
+# (data/results/, figures/): it sets these variables. Any other run writes under build/.
+RESULTS_DIR = Path(os.environ.get("KNORM_RESULTS_DIR", kl.PROJECT_ROOT / "build" / "results"))
+
+
+FIGURES_DIR: Path | None = Path(os.environ["KNORM_FIGURES_DIR"]) if os.environ.get("KNORM_FIGURES_DIR") else None
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran this: for every recorded result and benchmark line."""
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _check_prefill_policy(name: str, policy: Any) -> None:
+    kl.resolve_policy(policy)
+    kl._require(policy not in kl.DYNAMIC_POLICIES, name, policy,
+             "a policy whose score is fixed once the key exists; h2o is dynamic: streaming protocol only")
+
+
+PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "profile": lambda n, v: kl._check_choice(n, v, PROFILES),
+    "model_name": lambda n, v: kl._require(v is None or isinstance(v, str), n, v,
+                                        "None (embedded model) or a Hugging Face id / local path"),
+    "device": lambda n, v: kl._require(isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto"), n, v,
+                                    "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
+    "keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
+    "policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
+    "streaming_policies": lambda n, v: kl._check_list(n, v, lambda p: kl._check_choice(n, p, tuple(kl.POLICIES))),
+    "corpora": lambda n, v: kl._check_list(n, v, lambda c: kl._check_choice(n, c, kl.CORPORA)),
+    "position_modes": lambda n, v: kl._check_list(n, v, lambda m: kl._check_choice(n, m, kl.POSITION_MODES)),
+    "orders": lambda n, v: kl._check_list(n, v, lambda o: kl._check_choice(n, o, kl.ORDERS)),
+    "keep_ratio": lambda n, v: kl._check_keep_ratio(v) and None,
+    "policy": _check_prefill_policy,
+    "skip_layers": lambda n, v: kl._require(isinstance(v, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in v),
+                                         n, v, "a list of layer indices"),
+    "position_mode": lambda n, v: kl._check_choice(n, v, kl.POSITION_MODES),
+    "text": lambda n, v: kl._require(v is None or (isinstance(v, str) and bool(v.strip())), n, v,
+                                  "None (a wiki article) or non-empty text"),
+}
+
+
+def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: dict[str, Any],
+                        defaults: dict[str, dict[str, Any]] | None = None) -> Any:
+    """Validate a notebook's parameters; return them as a dict, or with ``defaults`` (per profile,
+    the sizes a ``None`` parameter takes) ``(params, sizes)``.
+
+    ``before``: a copy of the globals before the ``parameters`` cell (``dict(globals())``);
+    ``declared``: the names at its end. Papermill injects overrides in a cell after it and only
+    *warns* on unknown names, so a new global that the parameters cell did not declare, or a
+    rebinding of a name defined before it (an import such as ``stats``), is an error here. Names
+    starting with ``_`` are IPython's or the notebook's plumbing, never parameters. Known names get
+    the checks in ``PARAMETER_CHECKS``; ints named ``n_*``, ``*_len`` or ``*_tokens`` must be positive."""
+    names = sorted(n for n in declared - set(before) if not n.startswith("_"))
+    unknown = sorted(n for n in set(namespace) - declared if not n.startswith("_"))
+    rebound = sorted(n for n, v in before.items() if not n.startswith("_") and namespace.get(n, v) is not v)
+    if unknown or rebound:
+        raise ValueError(f"unknown parameter(s) {unknown + rebound}: this notebook accepts {names}")
+    params = {n: namespace[n] for n in names}
+    for name, value in params.items():
+        if name in PARAMETER_CHECKS:
+            PARAMETER_CHECKS[name](name, value)
+        elif (name.startswith("n_") or name.endswith("_len") or name.endswith("_tokens")) and value is not None:
+            kl._positive_int(name, value)  # None: take the profile's default
+    if defaults is None:
+        return params
+    profile = params.get("profile")
+    kl._require(profile in defaults, "profile", profile, f"one of this notebook's profiles {sorted(defaults)}")
+    sizes = {k: (params[k] if params.get(k) is not None else v) for k, v in defaults[profile].items()}
+    return params, sizes
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become ``null`` (they are not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` via a temporary file and ``os.replace``, so readers never see half a file:
+    the one atomic write of the project (results, reports, stamps, the data manifest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON (NaN and infinities as null), written atomically."""
+    try:
+        text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    except RecursionError as err:
+        raise ValueError("obj: circular or too deeply nested to write as JSON") from err
+    write_text_atomic(path, text + "\n")
+
+
+def report_figures_dir(profile: str) -> Path:
+    """Where `make report` puts a profile's figures: the committed ``figures/`` for the full
+    profile, ``build/figures/<profile>/`` for the others."""
+    return kl.PROJECT_ROOT / "figures" if profile == "full" else kl.PROJECT_ROOT / "build" / "figures" / profile
+
+
+_PENDING_FIGURES: dict[str, dict[Path, Path]] = {}   # notebook -> {staged file: final path}
+
+
+def library_hashes() -> dict[str, str]:
+    """sha256 of knorm_lib.py and of every knorm_study module this process imported: what a
+    recorded result was computed with."""
+    files = [Path(m.__file__) for name, m in sorted(sys.modules.items())
+             if (name == "knorm_lib" or name.startswith("knorm_study.")) and getattr(m, "__file__", None)]
+    return {str(f.relative_to(kl.PROJECT_ROOT)): kl.file_sha256(f) for f in files}
+
+
+def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
+                   model: Any | None = None) -> Path:
+    """Write ``<RESULTS_DIR>/<notebook>/<profile>.json`` atomically, with what produced it, then
+    publish the figures this process saved for the notebook: a run that fails before recording
+    its results leaves no figure behind."""
+    identity: dict[str, Any] = {"library_sha256": library_hashes(),
+                                "corpora_sha256": {p.stem: kl.file_sha256(p) for p in sorted(kl._VERIFIED_CORPORA)}}
+    if model is not None:
+        identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
+                        n_layers=kl._n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
+    path = RESULTS_DIR / notebook / f"{profile}.json"
+    write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
+                             "identity": identity, "machine": machine_info(),
+                             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
+    for pending, final in _PENDING_FIGURES.pop(notebook, {}).items():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(pending, final)   # a rename within one file system
+    return path
+
+
+def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: int = 150) -> Path:
+    """Save a matplotlib figure as PNG (>= 150 dpi) for ``<FIGURES_DIR>/<notebook>/<name>.png``
+    (default ``build/figures/<profile>/``; `make report` points it at the committed ``figures/``).
+    The file is staged under ``build/`` and only moved there by ``record_results``. Returns the
+    final path."""
+    base = FIGURES_DIR if FIGURES_DIR is not None else kl.PROJECT_ROOT / "build" / "figures" / profile
+    path = base / notebook / f"{name}.png"
+    staged = kl.PROJECT_ROOT / "build" / "staged-figures" / str(os.getpid()) / notebook / f"{name}.png"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(staged, dpi=max(dpi, 150), bbox_inches="tight")
+    _PENDING_FIGURES.setdefault(notebook, {})[staged] = path
+    return path

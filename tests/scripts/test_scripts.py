@@ -1,0 +1,127 @@
+"""scripts/: the notebook runner, make data's pins, run stamps, the results comparison."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import knorm_lib as kl
+import make_data
+import notebook_runner as runner
+import render_report
+import run_report
+from helpers import ROOT
+from knorm_study import attention, norm_distributions, passkey, position_order, quality, runtime, speed
+
+
+def test_a_blocked_cell_times_out_is_retried_once_and_named(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("profile = 'quick'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import time\nn_tries = 1\ntime.sleep(60)")]
+    nb.metadata["kernelspec"] = {"name": runner.KERNEL, "display_name": runner.KERNEL, "language": "python"}
+    path = tmp_path / "blocks.ipynb"
+    nbformat.write(nb, path)
+    t0 = time.perf_counter()
+    with pytest.raises(runner.NotebookTimeout, match=r"blocks: cell \d+ \('import time'\).*2 s .*2 tries"):
+        runner.execute(path, tmp_path / "out" / "blocks.ipynb", {"profile": "quick"}, cell_timeout_s=2)
+    assert time.perf_counter() - t0 < 50   # two tries of 2 s plus kernel starts, never the 60 s sleep
+
+
+def test_every_papermill_call_goes_through_the_runner():
+    """One place sets the timeout: no script, test or benchmark calls papermill directly."""
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        if path.name in ("notebook_runner.py", Path(__file__).name):
+            continue
+        assert "execute_notebook" not in path.read_text(encoding="utf-8"), path.name
+    assert set(runner.CELL_TIMEOUT_S) == set(runtime.PROFILES)
+
+
+def test_a_damaged_model_file_is_detected(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(make_data, "MODEL_DIR", tmp_path)
+    monkeypatch.setattr(make_data, "MODEL_FILES_SHA256", {"model.safetensors": make_data.sha256(tmp_path / "model.safetensors")})
+    assert make_data.model_mismatches() == []
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")   # one byte changed
+    assert make_data.model_mismatches() == ["model.safetensors"]
+
+
+def test_the_real_model_files_are_the_pinned_bytes():
+    assert make_data.model_mismatches() == []
+
+
+def test_a_damaged_archive_is_named(tmp_path):
+    wheel = tmp_path / "gensim-4.4.0-cp311-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("gensim/test/test_data/lee_background.cor", "x" * 10_000)
+    assert make_data.archive_ok(wheel)
+    data = bytearray(wheel.read_bytes())
+    data[100] ^= 0xFF                       # inside the member's compressed bytes
+    wheel.write_bytes(bytes(data))
+    assert not make_data.archive_ok(wheel)
+    tarball = tmp_path / "gensim-4.4.0.tar.gz"
+    tarball.write_bytes(b"not a tarball at all")
+    with pytest.raises(SystemExit, match="gensim-4.4.0.tar.gz"):
+        make_data.extract_member(tarball, "lee_background.cor", tmp_path / "out.cor", "0" * 64)
+    assert not (tmp_path / "out.cor").exists() and not (tmp_path / "out.cor.tmp").exists()
+
+
+def test_run_stamps_cover_the_corpora(corpus_copy, monkeypatch):
+    monkeypatch.setattr(run_report, "ROOT", ROOT)
+    nb = ROOT / "notebooks" / "01_norm_distributions.ipynb"
+    before = run_report.input_hash(nb, "full")
+    kl._VERIFIED_CORPORA.clear()
+    path = corpus_copy / "news.jsonl"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="news.jsonl"):   # a damaged corpus never reads as "unchanged"
+        run_report.input_hash(nb, "full")
+    assert len(before) == 64
+
+
+def test_compare_results_families_and_check(tmp_path, capsys):
+    import compare_results
+
+    run = {"profile": "full", "identity": {"knorm_lib_sha256": "a"}, "results": {
+        "rows": [{"policy": "knorm", "keep_ratio": 0.5, "ppl": 17.0, "kl": 0.05, "next_token_acc": 0.4,
+                  "prefill_s": 3.0}]}}
+    ref = json.loads(json.dumps(run))
+    ref["identity"]["knorm_lib_sha256"] = "b"          # provenance is not compared
+    ref["results"]["rows"][0]["prefill_s"] = 4.0       # timings differ: shown, never fatal
+    fams = compare_results.compare(run, ref, "04_quality_tradeoffs")
+    assert fams["ppl"]["max_rel"] == 0 and fams["kl"]["max_rel"] == 0 and fams["accuracy"]["max_rel"] == 0
+    assert fams["timing"]["max_rel"] == pytest.approx(0.25)
+    for name, obj in (("run", run), ("ref", ref)):
+        (tmp_path / name / "04_quality_tradeoffs").mkdir(parents=True)
+        (tmp_path / name / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(obj))
+    args = ["--run", str(tmp_path / "run"), "--reference", str(tmp_path / "ref"), "--check"]
+    assert compare_results.main(args) == 0
+    run["results"]["rows"][0]["ppl"] = 17.01            # 5.9e-4 relative: beyond 1e-4
+    (tmp_path / "run" / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(run))
+    assert compare_results.main(args) == 1
+    assert "04_quality_tradeoffs/ppl" in capsys.readouterr().out
+
+
+FINDINGS = {"01_norm_distributions": norm_distributions, "02_attention_correlation": attention,
+            "03_position_order_ppl": position_order, "04_quality_tradeoffs": quality,
+            "05_passkey_retrieval": passkey, "06_speed_tradeoffs": speed}
+
+
+@pytest.mark.parametrize("notebook", sorted(render_report.SECTIONS))
+def test_report_sections_render_from_the_committed_results(notebook):
+    """Every REPORT.md section renders from the committed full-profile record, with no unfilled
+    placeholder or NaN, and its conclusions are the study module's findings(), the same text the
+    notebook's last cell shows: conclusions are generated in one place."""
+    record = render_report.load(notebook, "full")
+    assert record is not None, f"no committed data/results/{notebook}/full.json"
+    body, headline = render_report.SECTIONS[notebook](record)
+    assert body.strip()
+    for text in (body, headline):   # 00 has no README headline
+        assert not re.search(r"\bnan\b|\{[a-z_]+\}", text, re.I), text[:200]
+    if notebook in FINDINGS:
+        assert FINDINGS[notebook].findings(record).strip() in body
+

@@ -1,0 +1,122 @@
+"""knorm_study.passkey: the samples and the answer span."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import knorm_lib as kl
+from helpers import CONTEXT, N_TOKENS, _acc, random_ids
+from knorm_study import passkey
+
+
+def test_span_metrics_reads_exactly_the_spans_tokens(tiny32):
+    """span_metrics: input position p is scored token p - context_len - 1 of a sweep result, so a
+    span's verdict is the argmax check at exactly those positions (the passkey's digits)."""
+    ids = random_ids(N_TOKENS, seed=3)
+    res = kl.sweep(tiny32, ids, CONTEXT, [kl.EvalConfig(1.0)])[0]
+    logits = tiny32(ids).logits[0]
+    start, end = CONTEXT + 5, CONTEXT + 9
+    want = logits[start - 1:end - 1].argmax(-1) == ids[0, start:end]
+    m = passkey.span_metrics(res, start, end)
+    assert m["correct"] == bool(want.all()) and m["n_tokens"] == 4
+    assert m["token_acc"] == pytest.approx(want.float().mean().item())
+    nll = F.cross_entropy(logits[start - 1:end - 1].double(), ids[0, start:end], reduction="sum").item()
+    assert m["nll"] == pytest.approx(nll, rel=1e-4)
+    assert passkey.span_metrics(res, N_TOKENS - 3)["n_tokens"] == 3  # end=None: to the last token
+    # force a span the model gets right: replace the targets by the model's own argmax
+    forced = ids.clone()
+    for p in range(CONTEXT + 1, N_TOKENS):
+        forced[0, p] = tiny32(forced[:, :p]).logits[0, -1].argmax()
+    assert passkey.span_metrics(kl.sweep(tiny32, forced, CONTEXT, [kl.EvalConfig(1.0)])[0], CONTEXT + 1)["correct"]
+    for bad in (CONTEXT, N_TOKENS):  # not scored: predicted by the prefill, or past the end
+        with pytest.raises(ValueError, match="start"):
+            passkey.span_metrics(res, bad)
+    with pytest.raises(ValueError, match="end"):
+        passkey.span_metrics(res, start, start)
+
+
+def test_passkey_prompt_layout(real_model):
+    """passkey_prompt: the context is exactly context_tokens long and holds the key line at the
+    requested depth; the question follows; input_ids[:, key_start:] are the key's digits; the key
+    is a deterministic function of (seed, context, depth); bad arguments are refused by name."""
+    _, tokenizer = real_model
+    spots = []
+    for depth in (0.0, 0.5, 1.0):
+        key = passkey.passkey_key(0, 300, depth)
+        assert key == passkey.passkey_key(0, 300, depth) and len(key) == 5 and key.isdigit()
+        p = passkey.passkey_prompt(tokenizer, 300, depth, key)
+        assert p.context_len == 300 and p.key_start > p.context_len
+        assert tokenizer.decode(p.key_ids) == key
+        context = tokenizer.decode(p.input_ids[0, :p.context_len])
+        assert context.count(f"The pass key is {key}.") == 1 and context.startswith("<|im_start|>")
+        assert tokenizer.decode(p.input_ids[0, p.key_position:]).startswith(f" The pass key is {key}.")
+        assert tokenizer.decode(p.prompt_ids[0, p.context_len:]).endswith("assistant\nThe pass key is ")
+        spots.append(p.key_position)
+    assert spots[0] < spots[1] < spots[2]
+    line = f" The pass key is {key}. Remember it. {key} is the pass key."
+    assert tokenizer.decode(p.input_ids[0, spots[2]:p.context_len]) == line  # depth 1.0: it ends the filler
+    assert passkey.passkey_key(1, 300, 0.5) != passkey.passkey_key(0, 300, 0.5)
+    for kwargs, name in [(dict(depth=1.5, key="12345"), "depth"), (dict(depth=0.5, key="12a45"), "key"),
+                         (dict(depth=0.5, key="12345", context_tokens=40), "context_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            passkey.passkey_prompt(tokenizer, **{"context_tokens": 300, **kwargs})
+
+
+def test_passkey_teacher_forced_verdict_equals_greedy_generation(real_model):
+    """Uncompressed, the one-forward verdict (argmax right at every key digit) is what real greedy
+    decoding of the prompt does: it reproduces the key (SmolLM2 retrieves at a few hundred tokens)."""
+    model, tokenizer = real_model
+    p = passkey.passkey_prompt(tokenizer, 400, 0.5, passkey.passkey_key(0, 400, 0.5))
+    res = kl.sweep(model, p.input_ids, p.context_len, [kl.EvalConfig(1.0)])[0]
+    generated = kl.generate_greedy(model, p.prompt_ids, len(p.key_ids))
+    assert passkey.span_metrics(res, p.key_start)["correct"]
+    assert torch.equal(generated, p.key_ids)
+
+
+def test_lowest_ratio_matching_full_stops_at_the_first_drop():
+    """A recovery below the first drop does not count; a drop at the largest compressed ratio gives 1.0."""
+    acc = pd.DataFrame(_acc({1.0: 1.0, 0.75: 1.0, 0.5: 2 / 3, 0.25: 1.0, 0.1: 0.0}))
+    assert passkey.lowest_ratio_matching_full(acc, 256, "knorm") == 0.75
+    acc = pd.DataFrame(_acc({1.0: 1.0, 0.75: 0.0, 0.5: 1.0}))
+    assert passkey.lowest_ratio_matching_full(acc, 256, "knorm") == 1.0
+    acc = pd.DataFrame(_acc({1.0: 0.0, 0.5: 0.0}))  # nothing retrieved uncompressed: every ratio "matches"
+    assert passkey.lowest_ratio_matching_full(acc, 256, "knorm") == 0.5
+
+
+def test_accuracy_table_and_claim_summary():
+    """Wilson intervals per (context, policy, keep_ratio); the claim's verdict follows the numbers."""
+    rows = []
+    for seed in range(3):
+        for policy in ("knorm", "random"):
+            for r in (1.0, 0.5, 0.1):
+                correct = r == 1.0 or (policy == "knorm" and (r == 0.5 or seed == 0))
+                rows.append({"context": 256, "seed": seed, "depth": 0.5, "policy": policy, "keep_ratio": r,
+                             "correct": correct, "digit_acc": float(correct)})
+    df = pd.DataFrame(rows)
+    acc = passkey.accuracy_table(df)
+    assert len(acc) == 6 and set(acc.n) == {3}
+    k = acc[(acc.policy == "knorm") & (acc.keep_ratio == 0.1)].iloc[0]
+    assert k.accuracy == pytest.approx(1 / 3) and 0 < k.lo < k.accuracy < k.hi < 1
+    assert passkey.samples_per_context(df) == {256: 3}
+    claim = passkey.claim_summary(df, acc, [256], ["knorm", "random"], [1.0, 0.5, 0.1])
+    assert claim["claim_90pct"]["verdict"] == "does not hold"
+    assert claim["claim_90pct"]["by_context"][256]["knorm_lowest_ratio_matching_full"] == 0.5
+    assert claim["claim_90pct"]["by_context"][256]["best_policy_at_min"] == "knorm"
+    assert claim["policy_independent_at_keep_1"] and claim["longest_context_retrieved_uncompressed"] == 256
+    assert passkey.claim_summary(df, acc, [256], ["knorm", "random"], [1.0, 0.5])["claim_90pct"]["verdict"] == "untestable"
+
+
+def test_passkey_check_sizes():
+    good = {"contexts": [256, 512], "seeds": [1, 1], "depths": [0.0, 1.0], "long_depths": [0.5]}
+    passkey.check_sizes(good, [1.0, 0.5])
+    assert passkey.samples(good) == [(256, 0, 0.0), (256, 0, 1.0), (512, 0, 0.0), (512, 0, 1.0)]
+    with pytest.raises(ValueError, match="seeds"):
+        passkey.check_sizes({**good, "seeds": [1]}, [1.0])
+    with pytest.raises(ValueError, match="depths"):
+        passkey.check_sizes({**good, "depths": [1.5]}, [1.0])
+    with pytest.raises(ValueError, match="keep_ratios"):
+        passkey.check_sizes(good, [0.5])
+

@@ -1,0 +1,55 @@
+"""knorm_study.quality: thresholds and generation agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import knorm_lib as kl
+from helpers import CONTEXT, _threshold_rows
+from knorm_study import quality
+
+
+def test_keep_ratio_thresholds_need_every_larger_ratio_to_pass():
+    """1 %: 0.9 passes (+0.5 %), 0.5 fails (+3 %), so 0.25's lucky dip (+2 %) does not count for it;
+    5 %: everything down to 0.25 passes, 0.1 (+20 %) fails."""
+    rows = _threshold_rows({1.0: (10, 20), 0.9: (10.05, 20.1), 0.5: (10.3, 20.6), 0.25: (10.2, 20.4), 0.1: (12, 24)})
+    out = quality.keep_ratio_thresholds(rows, ["variant"], (0.01, 0.05))
+    assert out.to_dict("records") == [{"variant": "v", "within_0.01": 0.9, "within_0.05": 0.25}]
+    bad = _threshold_rows({1.0: (10, 20), 0.9: (11, 22), 0.5: (10, 20)})
+    assert quality.keep_ratio_thresholds(bad, ["variant"], (0.05,))["within_0.05"].isna().all()
+
+
+def test_keep_ratio_thresholds_bad_input():
+    with pytest.raises(ValueError, match="keep_ratio 1.0"):
+        quality.keep_ratio_thresholds(_threshold_rows({0.9: (1, 1)}), ["variant"])
+    with pytest.raises(ValueError, match="missing column"):
+        quality.keep_ratio_thresholds([{"variant": "v", "keep_ratio": 1.0, "ppl": 1}], ["variant"])
+    with pytest.raises(ValueError, match="tolerances"):
+        quality.keep_ratio_thresholds(_threshold_rows({1.0: (1, 1)}), ["variant"], (-0.1,))
+
+
+def test_generation_agreement():
+    """generation_agreement: matching-prefix length and per-position agreement of two token lists."""
+    a = torch.tensor([5, 6, 7, 8, 9])
+    assert quality.generation_agreement(a, a.clone()) == {"matching_prefix": 5, "token_agreement": 1.0}
+    b = a.clone()
+    b[2] = 0
+    assert quality.generation_agreement(a, b) == {"matching_prefix": 2, "token_agreement": pytest.approx(0.8)}
+    b[0] = 0
+    assert quality.generation_agreement(a, b) == {"matching_prefix": 0, "token_agreement": pytest.approx(0.6)}
+    # different lengths compare over the shorter one
+    assert quality.generation_agreement(a, a[:3]) == {"matching_prefix": 3, "token_agreement": 1.0}
+
+
+def test_generation_agreement_on_generated_tokens(tiny64, ids):
+    """On real generations, agreement is consistent with the tokens themselves."""
+    prompt = ids[:, :CONTEXT]
+    full = kl.generate_greedy(tiny64, prompt, 16)
+    comp = kl.generate_greedy(tiny64, prompt, 16, keep_ratio=0.1, skip_layers=())
+    agree = quality.generation_agreement(comp, full)
+    same = (comp == full)
+    assert agree["token_agreement"] == pytest.approx(same.float().mean().item())
+    p = agree["matching_prefix"]
+    assert same[:p].all() and (p == len(full) or not same[p])
+
