@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import math
 import numbers
@@ -164,6 +165,12 @@ _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | Non
     contextvars.ContextVar("knorm_attn_recorder", default=None)
 
 
+# Set while decoding greedily (``_greedy_step``): single-token queries use the grouped form of
+# attention, which reads the cache once per KV head. Equal up to float rounding, not bitwise, so
+# the evaluators that score perplexity keep the per-head form.
+_GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_grouped_decode", default=False)
+
+
 @contextlib.contextmanager
 def _using(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
     token = var.set(value)
@@ -202,6 +209,13 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         else:
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
     recorder = _ATTN_RECORDER.get()
+    if q_len == 1 and mask is None and recorder is None and _GROUPED_DECODE.get():
+        # a decode step: each KV head's query group as one (groups, D) query block, so every kept
+        # key and value is read once (SDPA's enable_gqa reads them once per query head)
+        b, h_q, _, _ = query.shape
+        grouped = query.reshape(b, key.shape[1], h_q // key.shape[1], query.shape[-1])
+        out = F.scaled_dot_product_attention(grouped, key, value, scale=scaling)
+        return out.reshape(b, h_q, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
     if recorder is not None:  # H2O and the attention studies read the attention probabilities
         groups = query.shape[1] // key.shape[1]
         logits = query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
@@ -621,6 +635,43 @@ def n_kept_for(n: int, keep_ratio: float) -> int:
     return max(1, int(n * (1 - compression_ratio)))
 
 
+@functools.cache
+def _in_place_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        """A cache layer that appends in place: ``keys``/``values`` are views of a preallocated buffer."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+            super().__init__()
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self.n = 0
+            self._k, self._v = keys[:, :, :0], values[:, :, :0]
+            self._write(keys, values, room)
+
+        def _write(self, k: torch.Tensor, v: torch.Tensor, room: int = 0) -> None:
+            end = self.n + k.shape[2]
+            if end > self._k.shape[2]:  # outrun (or the first fill): a bigger buffer, old contents copied once
+                size = max(end + room, 2 * self._k.shape[2])
+                old_k, old_v = self._k[:, :, :self.n], self._v[:, :, :self.n]
+                self._k = k.new_empty(*k.shape[:2], size, k.shape[3])
+                self._v = v.new_empty(*v.shape[:2], size, v.shape[3])
+                self._k[:, :, :self.n], self._v[:, :, :self.n] = old_k, old_v
+            self._k[:, :, self.n:end], self._v[:, :, self.n:end] = k, v
+            self.n = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            self._write(key_states, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+    return InPlaceLayer
+
+
 @dataclass
 class KVCache:
     """A per-layer KV cache detached from transformers: ``keys``/``values`` ``(B, H_kv, S_l, D)``,
@@ -639,11 +690,19 @@ class KVCache:
         pos = torch.arange(s, device=keys[0].device).expand(b, h, s)
         return cls(keys, values, [pos] * len(keys), s)
 
-    def to_transformers(self) -> Any:
-        """A fresh ``DynamicCache`` holding these tensors (later updates never touch ``self``)."""
+    def to_transformers(self, room: int = 0, in_place: bool = True) -> Any:
+        """A fresh transformers cache holding a copy of these tensors (later updates never touch
+        ``self``). ``in_place``: each layer is preallocated for ``room`` more tokens and appends
+        into that buffer, attention reading views of it (it grows by doubling if outrun). Otherwise a
+        ``DynamicCache``, whose ``torch.cat`` copies the whole layer on every appended token (kept
+        as what transformers' own cache costs). Both give bitwise the same attention inputs."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
+        if in_place:
+            layer = _in_place_layer_class()
+            cache.layers = [layer(k, v, room) for k, v in zip(self.keys, self.values)]
+            return cache
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(k, v, i)
         return cache
@@ -1037,11 +1096,13 @@ def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_rati
     return sweep(model, input_ids, context_len, [cfg])[0]
 
 
-def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int) -> torch.Tensor:
+def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int, grouped: bool = True) -> torch.Tensor:
     """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
-    (extended in place); return the greedy next token (1, 1)."""
-    out = model(input_ids=token, past_key_values=dyn, use_cache=True,
-                position_ids=torch.tensor([[position]], device=model.device))
+    (extended by it); return the greedy next token (1, 1). ``grouped``: grouped-query attention
+    reads each kept key once (``False``: once per query head, as transformers' SDPA path does)."""
+    with _using(_GROUPED_DECODE, grouped):
+        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
+                    position_ids=torch.tensor([[position]], device=model.device))
     return out.logits[:, -1].argmax(-1).view(1, 1)
 
 
@@ -1061,7 +1122,7 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     cache, position = _numbered(cache, model, position_mode)
     token = pre.last_logits.argmax(-1).view(1, 1)
     out_tokens = [token]
-    dyn = cache.to_transformers()
+    dyn = cache.to_transformers(room=max_new_tokens)
     for _ in range(max_new_tokens - 1):
         token = _greedy_step(model, dyn, token, position)
         position += 1

@@ -95,8 +95,8 @@ def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> A
 
     rows = []
     for corpus, doc in docs:
-        norms = kl.key_norms(model, doc.input_ids)                # (layers, H_kv, n)
-        received = attention_received(model, doc.input_ids)      # (layers, H_kv, n), causal mean
+        norms = kl.key_norms(model, doc.input_ids).cpu()          # (layers, H_kv, n)
+        received = attention_received(model, doc.input_ids).cpu()  # (layers, H_kv, n), causal mean
         stop = int(0.9 * norms.shape[-1])
         for layer in range(norms.shape[0]):
             for head in range(norms.shape[1]):

@@ -28,6 +28,32 @@ def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequen
     return pd.DataFrame(out)
 
 
+# Below this many units a percentile bootstrap cannot hold its level (n units give at most n**n
+# resamples; with 2 the "interval" is the range of the two values): nothing is called resolved.
+MIN_BOOTSTRAP_UNITS = 5
+
+
+def paired_bootstrap(diffs: Sequence[float], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Mean of paired per-unit differences (one per document: policy A minus policy B on the same
+    document) with a percentile bootstrap interval that resamples the units. ``resolved``: the
+    interval excludes 0 and there are at least ``MIN_BOOTSTRAP_UNITS`` units; with fewer than 2
+    there is no interval."""
+    import numpy as np
+
+    kl._positive_int("n_boot", n_boot)
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}: must be in (0, 1)")
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1 or d.size == 0 or not np.isfinite(d).all():
+        raise ValueError(f"diffs: need a non-empty 1-D sequence of finite numbers, got {diffs!r}")
+    if d.size < 2:
+        return {"n": 1, "mean": float(d[0]), "lo": math.nan, "hi": math.nan, "resolved": False}
+    means = d[np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"n": int(d.size), "mean": float(d.mean()), "lo": float(lo), "hi": float(hi),
+            "resolved": bool((lo > 0 or hi < 0) and d.size >= MIN_BOOTSTRAP_UNITS)}
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (default 95 %) for a success rate of ``successes`` out of ``n``."""
     kl._positive_int("n", n)

@@ -51,7 +51,7 @@ def norm_table(model: Any, tokenizer: Any, docs: Sequence[tuple[str, kl.Tokenize
     frames = []
     for corpus, doc in docs:
         cache = kl.prefill(model, doc.input_ids).cache
-        kn, vn = kl.key_norms(cache), kl.value_norms(cache)   # (layers, H_kv, positions)
+        kn, vn = kl.key_norms(cache).cpu(), kl.value_norms(cache).cpu()   # (layers, H_kv, positions)
         kinds = token_kinds(tokenizer, doc.input_ids)
         n_layers, n_heads, n = kn.shape
         idx = pd.MultiIndex.from_product([range(n_layers), range(n_heads), range(n)],

@@ -15,6 +15,7 @@ import time
 from typing import Any, Sequence
 
 import knorm_lib as kl
+from knorm_study import runtime
 
 METRICS: tuple[str, ...] = ("ppl", "next_token_acc", "kl", "top1_agree")
 
@@ -257,7 +258,7 @@ def headline(record: dict[str, Any]) -> str:
     bug = inv["cache_relative_min_inflation_when_evicting"] > 1 and inv["order_max_rel_diff_absolute"] <= ORDER_TOLERANCE
     lines = [
         (f"- **The write-up's perplexity jump is {'a position bug, not an order effect' if bug else 'not settled here'}.** "
-         f"On SmolLM2-135M (prefill protocol, {len(r['documents'])} documents), numbering new tokens from the compressed "
+         f"On {runtime.model_label(record)} (prefill protocol, {len(r['documents'])} documents), numbering new tokens from the compressed "
          f"cache length raises PPL from {m(r_hi, 'absolute'):.2f} to {m(r_hi, 'cache_relative'):.2f} at keep_ratio "
          f"{r_hi}, while storing the kept keys in norm order changes PPL by at most "
          f"{inv['order_max_rel_diff_absolute']:.0e} (relative) under true positions."),

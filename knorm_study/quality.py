@@ -226,6 +226,39 @@ def _recorded_variants(p: dict[str, Any]) -> dict[str, list[Variant]]:
             "streaming": variants(p["streaming_policies"], p["skip_layers"], p["knorm_all_layers"])}
 
 
+def paired_comparisons(rows: Sequence[dict[str, Any]], protocol: str, keep_ratio: float,
+                       reference: str = "knorm") -> list[dict[str, Any]]:
+    """``reference`` against every other variant of ``protocol`` at ``keep_ratio``, paired by
+    document: the difference in log perplexity (mean NLL, nats per scored token; negative means
+    ``reference`` is better) with its bootstrap interval over the documents both were run on."""
+    from knorm_study import intervals
+
+    log_ppl: dict[str, dict[str, float]] = {}
+    for x in rows:
+        if x["protocol"] == protocol and x["keep_ratio"] == keep_ratio:
+            log_ppl.setdefault(x["variant"], {})[x["document"]] = math.log(x["ppl"])
+    ref = log_ppl.get(reference, {})
+    out = []
+    for variant, by_doc in log_ppl.items():
+        docs = sorted(set(ref) & set(by_doc))
+        if variant != reference and docs:
+            out.append({"variant": variant, **intervals.paired_bootstrap([ref[d] - by_doc[d] for d in docs])})
+    return out
+
+
+def _comparison_text(comparisons: Sequence[dict[str, Any]], reference: str) -> str:
+    from knorm_study import intervals
+
+    few = [c for c in comparisons if c["n"] < intervals.MIN_BOOTSTRAP_UNITS]
+    verdict = lambda c: ("" if c in few else " (not resolved)" if not c["resolved"] else
+                         f" ({reference} better)" if c["mean"] < 0 else f" ({c['variant']} better)")
+    text = "; ".join(f"{c['variant']} {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]{verdict(c)}" for c in comparisons)
+    if few:
+        text += (f" — too few documents (n = {min(c['n'] for c in few)}; at least {intervals.MIN_BOOTSTRAP_UNITS} needed)"
+                 f" to call {'any of these' if len(few) == len(comparisons) else 'those without a verdict'} resolved")
+    return text
+
+
 def findings(record: dict[str, Any]) -> str:
     """What the numbers say (Markdown), from a recorded result of 04_quality_tradeoffs (the whole
     JSON record): the notebook's last cell and REPORT.md's section both print this."""
@@ -250,15 +283,22 @@ def findings(record: dict[str, Any]) -> str:
     lines = [f"**Prefill protocol** ({len(r['prefill_documents'])} documents, {sizes['context_len']} + "
              f"{sizes['continuation_len']} tokens): the full cache gives perplexity {full_ppl('prefill')} (mean per "
              f"corpus). Perplexity change at keep_ratio {r_mid} (mean over documents of the ratio to their full cache): "
-             f"the best policy is {best['prefill'][1]} ({best['prefill'][0]:+.1%}); {changes('prefill', r_mid, '+.1%')}.",
+             f"the lowest mean is {best['prefill'][1]}'s ({best['prefill'][0]:+.1%}); {changes('prefill', r_mid, '+.1%')}.",
              f"**Streaming protocol** ({len(r['stream_documents'])} documents, {sizes['stream_tokens']} tokens): full "
-             f"cache {full_ppl('streaming')}; at keep_ratio {r_mid} the best is {best['streaming'][1]} "
+             f"cache {full_ppl('streaming')}; at keep_ratio {r_mid} the lowest mean is {best['streaming'][1]}'s "
              f"({best['streaming'][0]:+.1%}); {changes('streaming', r_mid, '+.1%')}."]
     ranks = {proto: 1 + sorted(rel(proto, label, r_mid) for label in ls).index(rel(proto, "knorm", r_mid))
              for proto, ls in labels.items() if "knorm" in ls}
     if ranks:
-        lines.append("KnormPress ranks " + " and ".join(f"{ranks[proto]} of {len(labels[proto])} in the {proto} protocol"
-                                                      for proto in labels if proto in ranks) + f" at keep_ratio {r_mid}.")
+        lines.append("By mean, KnormPress ranks " + " and ".join(
+            f"{ranks[proto]} of {len(labels[proto])} in the {proto} protocol" for proto in labels if proto in ranks)
+            + f" at keep_ratio {r_mid}. Paired by document, KnormPress minus each policy in log perplexity (nats per "
+            "scored token, negative: KnormPress better; 95 % bootstrap interval over the documents, "
+            + " and ".join(f"n = {len(r[f'{proto}_documents' if proto == 'prefill' else 'stream_documents'])} "
+                           f"{proto}" for proto in labels if proto in ranks) + "): "
+            + " ".join(f"{proto}: {_comparison_text(paired_comparisons(r['rows'], proto, r_mid), 'knorm')}."
+                       for proto in labels if proto in ranks)
+            )
     if p["knorm_all_layers"]:
         lines.append("Compressing layers 0 and 1 too costs KnormPress " + "; ".join(
             f"{rel(proto, 'knorm (all layers)', r_mid) - rel(proto, 'knorm', r_mid):+.1%} of perplexity ({proto}, "

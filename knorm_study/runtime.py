@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,6 +95,16 @@ def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: d
     return params, sizes
 
 
+def check_skip_layers(model: Any, skip_layers: Sequence[int]) -> None:
+    """A notebook's ``skip_layers`` against the loaded model: valid layer indices, and at least
+    one layer left to compress (else every "compressed" number would be the full cache's)."""
+    n_layers = kl._n_layers(model)
+    kl.EvalConfig(skip_layers=tuple(skip_layers)).validate(n_layers)
+    if len(set(skip_layers)) >= n_layers:
+        raise ValueError(f"skip_layers={tuple(skip_layers)!r}: leaves none of the model's {n_layers} layers to "
+                         "compress; skip fewer layers")
+
+
 def _finite(obj: Any) -> Any:
     """NaN and infinities become ``null`` (they are not JSON)."""
     if isinstance(obj, float):
@@ -134,7 +144,7 @@ def report_figures_dir(profile: str) -> Path:
     return kl.PROJECT_ROOT / "figures" if profile == "full" else kl.PROJECT_ROOT / "build" / "figures" / profile
 
 
-_PENDING_FIGURES: dict[str, dict[Path, Path]] = {}   # notebook -> {staged file: final path}
+_PENDING_FIGURES: dict[str, dict[Path, tuple[Path, str]]] = {}   # notebook -> {staged file: (base, file name)}
 
 
 def library_hashes() -> dict[str, str]:
@@ -145,35 +155,73 @@ def library_hashes() -> dict[str, str]:
     return {str(f.relative_to(kl.PROJECT_ROOT)): kl.file_sha256(f) for f in files}
 
 
+def model_slug(model: Any | None) -> str | None:
+    """The folder a model's results and figures go under: ``None`` for the embedded default model
+    (its results keep the committed paths) and when no model is given; otherwise a file-name-safe
+    form of its Hugging Face id or local folder name, or ``random-<type>-<layers>x<width>`` for a
+    model built from a config."""
+    import re
+
+    if model is None:
+        return None
+    name = str(getattr(model, "name_or_path", "") or "")
+    if name and Path(name).expanduser().resolve() == kl.DEFAULT_MODEL_DIR.resolve():
+        return None
+    if not name:
+        cfg = model.config
+        name = f"random-{cfg.model_type}-{kl._n_layers(model)}x{cfg.hidden_size}"
+    elif Path(name).expanduser().is_dir():
+        name = Path(name).expanduser().resolve().name
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower().replace("/", "--")).strip("-.") or "model"
+
+
+def model_label(record: dict[str, Any]) -> str:
+    """The name of the model a recorded result comes from, for prose: the embedded model's name,
+    else the Hugging Face id or local folder name it was loaded from."""
+    identity = record.get("identity", {})
+    name = identity.get("model_name")
+    if not identity.get("model_slug") or not name:
+        return "SmolLM2-135M-Instruct"
+    return Path(name).name if Path(name).is_absolute() else name
+
+
+def results_path(notebook: str, profile: str, slug: str | None = None) -> Path:
+    """``<RESULTS_DIR>/<notebook>/[<slug>/]<profile>.json``: where a run's results are recorded."""
+    return RESULTS_DIR / notebook / (slug or "") / f"{profile}.json"
+
+
 def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
                    model: Any | None = None) -> Path:
-    """Write ``<RESULTS_DIR>/<notebook>/<profile>.json`` atomically, with what produced it, then
-    publish the figures this process saved for the notebook: a run that fails before recording
-    its results leaves no figure behind."""
+    """Write ``results_path(notebook, profile, model_slug(model))`` atomically, with what produced
+    it, then publish the figures this process saved for the notebook (under the model's slug too,
+    for any model but the embedded one): a run that fails before recording its results leaves no
+    figure behind."""
     identity: dict[str, Any] = {"library_sha256": library_hashes(),
                                 "corpora_sha256": {p.stem: kl.file_sha256(p) for p in sorted(kl._VERIFIED_CORPORA)}}
     if model is not None:
         identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
                         n_layers=kl._n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
-    path = RESULTS_DIR / notebook / f"{profile}.json"
+    slug = model_slug(model)
+    identity["model_slug"] = slug
+    path = results_path(notebook, profile, slug)
     write_json_atomic(path, {"notebook": notebook, "profile": profile, "parameters": parameters,
                              "identity": identity, "machine": machine_info(),
                              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
-    for pending, final in _PENDING_FIGURES.pop(notebook, {}).items():
+    for pending, (base, name) in _PENDING_FIGURES.pop(notebook, {}).items():
+        final = base / (slug or "") / notebook / name
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(pending, final)   # a rename within one file system
     return path
 
 
 def save_figure(fig: Any, notebook: str, name: str, profile: str = "full", dpi: int = 150) -> Path:
-    """Save a matplotlib figure as PNG (>= 150 dpi) for ``<FIGURES_DIR>/<notebook>/<name>.png``
+    """Save a matplotlib figure as PNG (>= 150 dpi) for ``<FIGURES_DIR>/[<model slug>/]<notebook>/<name>.png``
     (default ``build/figures/<profile>/``; `make report` points it at the committed ``figures/``).
-    The file is staged under ``build/`` and only moved there by ``record_results``. Returns the
-    final path."""
+    The file is staged under ``build/`` and only moved there by ``record_results``, which knows
+    the model. Returns the staged path."""
     base = FIGURES_DIR if FIGURES_DIR is not None else kl.PROJECT_ROOT / "build" / "figures" / profile
-    path = base / notebook / f"{name}.png"
     staged = kl.PROJECT_ROOT / "build" / "staged-figures" / str(os.getpid()) / notebook / f"{name}.png"
     staged.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(staged, dpi=max(dpi, 150), bbox_inches="tight")
-    _PENDING_FIGURES.setdefault(notebook, {})[staged] = path
-    return path
+    _PENDING_FIGURES.setdefault(notebook, {})[staged] = (base, f"{name}.png")
+    return staged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import zipfile
@@ -125,3 +126,24 @@ def test_report_sections_render_from_the_committed_results(notebook):
     if notebook in FINDINGS:
         assert FINDINGS[notebook].findings(record).strip() in body
 
+
+
+def test_report_renders_another_models_results(tmp_path):
+    """--model SLUG renders that model's results (under <results>/<notebook>/<slug>/) into its own
+    file, named after the model, and leaves README.md alone."""
+    import subprocess
+    import sys
+
+    record = json.loads((ROOT / "data" / "results" / "01_norm_distributions" / "full.json").read_text())
+    record["identity"].update(model_slug="org--tiny", model_name="org/tiny")
+    target = tmp_path / "01_norm_distributions" / "org--tiny" / "full.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(record))
+    readme = (ROOT / "README.md").read_text()
+    out = ROOT / "build" / "REPORT-org--tiny-full.md"
+    out.unlink(missing_ok=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_report.py"), "--model", "org--tiny"], check=True,
+                   env={**os.environ, "KNORM_RESULTS_DIR": str(tmp_path)}, capture_output=True)
+    text = out.read_text()
+    assert text.startswith("# knorm-study report (org/tiny, full profile)") and "figures/org--tiny/01_norm" in text
+    assert (ROOT / "README.md").read_text() == readme

@@ -18,3 +18,23 @@ def test_wilson_interval():
     with pytest.raises(ValueError, match="n="):
         intervals.wilson_interval(0, 0)
 
+
+
+def test_paired_bootstrap():
+    """Paired bootstrap over documents: the interval holds the mean, resolves a consistent
+    difference, does not resolve one that changes sign, is reproducible, refuses bad input."""
+    consistent = intervals.paired_bootstrap([0.10, 0.12, 0.08, 0.11, 0.09, 0.10])
+    assert consistent["n"] == 6 and consistent["mean"] == pytest.approx(0.10)
+    assert 0.08 <= consistent["lo"] <= consistent["mean"] <= consistent["hi"] <= 0.12 and consistent["resolved"]
+    few = intervals.paired_bootstrap([0.10, 0.12, 0.08])  # consistent, but too few documents to resolve
+    assert few["lo"] > 0 and not few["resolved"]
+    mixed = intervals.paired_bootstrap([0.3, -0.2, 0.1, -0.25, 0.05])
+    assert mixed["lo"] < 0 < mixed["hi"] and not mixed["resolved"]
+    assert intervals.paired_bootstrap([0.3, -0.2, 0.1], seed=1) == intervals.paired_bootstrap([0.3, -0.2, 0.1], seed=1)
+    one = intervals.paired_bootstrap([0.5])
+    assert one["n"] == 1 and one["lo"] != one["lo"] and not one["resolved"]
+    for bad in ([], [float("nan")], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="diffs"):
+            intervals.paired_bootstrap(bad)
+    with pytest.raises(ValueError, match="level"):
+        intervals.paired_bootstrap([1.0, 2.0], level=1.5)

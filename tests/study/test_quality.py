@@ -53,3 +53,21 @@ def test_generation_agreement_on_generated_tokens(tiny64, ids):
     p = agree["matching_prefix"]
     assert same[:p].all() and (p == len(full) or not same[p])
 
+
+
+def test_paired_comparisons_pair_by_document():
+    """knorm minus each variant in log perplexity, paired on the documents both were run on;
+    other protocols and keep_ratios are ignored."""
+    import math
+
+    docs = [f"d{i}" for i in range(6)]
+    rows = [{"protocol": "prefill", "keep_ratio": 0.5, "variant": "knorm", "document": d, "ppl": 10.0 + i}
+            for i, d in enumerate(docs)]
+    rows += [{"protocol": "prefill", "keep_ratio": 0.5, "variant": "random", "document": d, "ppl": 2 * (10.0 + i)}
+             for i, d in enumerate(docs[:5])]
+    rows += [{"protocol": "streaming", "keep_ratio": 0.5, "variant": "random", "document": "d0", "ppl": 1.0},
+             {"protocol": "prefill", "keep_ratio": 0.25, "variant": "random", "document": "d0", "ppl": 1.0}]
+    (c,) = quality.paired_comparisons(rows, "prefill", 0.5)
+    assert c["variant"] == "random" and c["n"] == 5 and c["resolved"]
+    assert c["mean"] == pytest.approx(-math.log(2)) and c["lo"] == pytest.approx(c["hi"])
+    assert quality.paired_comparisons(rows, "streaming", 0.5) == []  # no knorm there: nothing to pair

@@ -78,12 +78,32 @@ def test_figures_appear_only_with_their_results(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "FIGURES_DIR", tmp_path / "figures")
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    final = runtime.save_figure(fig, "99_test", "line", "full")
-    plt.close(fig)
-    assert final == tmp_path / "figures" / "99_test" / "line.png" and not final.exists()  # the notebook may still fail
+    runtime.save_figure(fig, "99_test", "line", "full")
+    final = tmp_path / "figures" / "99_test" / "line.png"
+    assert not final.exists()  # the notebook may still fail
     runtime.record_results("99_test", "full", {"profile": "full"}, {"x": 1})
     assert final.exists() and (tmp_path / "results" / "99_test" / "full.json").exists()
     assert runtime._PENDING_FIGURES.get("99_test") is None
+    # any model but the embedded one: results and figures under its slug, the committed ones untouched
+    model = kl.random_llama(seed=0)
+    runtime.save_figure(fig, "99_test", "line", "full")
+    plt.close(fig)
+    path = runtime.record_results("99_test", "full", {"profile": "full"}, {"x": 2}, model)
+    assert path == tmp_path / "results" / "99_test" / "random-llama-4x64" / "full.json"
+    assert json.loads(path.read_text())["identity"]["model_slug"] == "random-llama-4x64"
+    assert (tmp_path / "figures" / "random-llama-4x64" / "99_test" / "line.png").exists()
+    assert json.loads((tmp_path / "results" / "99_test" / "full.json").read_text())["results"] == {"x": 1}
+
+
+def test_model_slug():
+    """None for the embedded model (committed paths); a safe folder name otherwise."""
+    class Named:
+        def __init__(self, name):
+            self.name_or_path = name
+    assert runtime.model_slug(None) is None
+    assert runtime.model_slug(Named(str(kl.DEFAULT_MODEL_DIR))) is None
+    assert runtime.model_slug(Named("meta-llama/Llama-3.2-1B")) == "meta-llama--llama-3.2-1b"
+    assert runtime.model_slug(Named("../weird name/")) == "weird-name"
 
 
 def test_notebook_parameters_catch_rebinding_and_skip_plumbing():
@@ -99,3 +119,12 @@ def test_notebook_parameters_catch_rebinding_and_skip_plumbing():
     with pytest.raises(ValueError, match="streaming_policies='snapkv'"):
         runtime.notebook_parameters({**ns, "streaming_policies": ["snapkv"]}, declared | {"streaming_policies"}, before)
 
+
+
+def test_check_skip_layers_against_the_model_depth(tiny32):
+    """skip_layers must name the model's layers and leave at least one to compress."""
+    runtime.check_skip_layers(tiny32, [0, 1])
+    with pytest.raises(ValueError, match=r"skip_layers=\(0, 1, 2, 3\): leaves none of the model's 4 layers"):
+        runtime.check_skip_layers(tiny32, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="skip_layers"):
+        runtime.check_skip_layers(tiny32, [0, 7])

@@ -45,6 +45,8 @@ def test_timed_decode_equals_generate_greedy(keep_ratio, tiny32, ids):
     assert cache.lengths() == lengths
     assert len(out["step_s"]) == 6 and len(out["warmup_step_s"]) == 2 and all(t > 0 for t in out["step_s"])
     assert out["min_s"] <= out["q25_s"] <= out["median_s"] <= out["q75_s"] <= out["max_s"]
+    old = speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 6, warmup=2, cache_kind="dynamic")
+    assert old["tokens"] == out["tokens"]  # transformers' own cache, the same tokens
     wrong = speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 6, warmup=2, position_mode="cache_relative")
     if keep_ratio < 1:  # numbering from the compressed length is the bug: different tokens
         assert wrong["tokens"] != out["tokens"]
@@ -52,6 +54,8 @@ def test_timed_decode_equals_generate_greedy(keep_ratio, tiny32, ids):
         speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 0)
     with pytest.raises(ValueError, match="warmup"):
         speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 2, warmup=-1)
+    with pytest.raises(ValueError, match="cache_kind"):
+        speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 2, cache_kind="static")
 
 
 def test_time_ttft_pieces_add_up(tiny32, ids):
@@ -89,9 +93,12 @@ def test_machine_rates_and_profile(tiny32, ids):
     ops = speed.op_profile(lambda: speed.timed_decode(tiny32, pre.cache, pre.last_logits.argmax(-1), 2, warmup=0), top=25)
     assert 0 < len(ops) <= 25 and any(o["op"] in ("aten::mm", "aten::addmm", "aten::linear") for o in ops)
     assert all(o["calls"] >= 1 and o["self_cpu_s"] >= 0 for o in ops)
-    steps = {o["op"]: o for o in speed.decode_profile(tiny32, pre.cache, pre.last_logits.argmax(-1), n_steps=2, top=50)}
-    # two steps: each layer appends one key and one value, and the cache copy is outside the profile
-    assert steps["aten::cat"]["calls"] >= 2 * 2 * N_LAYERS
+    cats = {kind: next((o["calls"] for o in speed.decode_profile(tiny32, pre.cache, pre.last_logits.argmax(-1), n_steps=2,
+                                                                 top=100, cache_kind=kind) if o["op"] == "aten::cat"), 0)
+            for kind in speed.CACHE_KINDS}
+    # two steps: on DynamicCache each layer concatenates one key and one value per step (the cache
+    # copy itself is outside the profile); in place nothing is concatenated for the cache
+    assert cats["dynamic"] - cats["in_place"] == 2 * 2 * N_LAYERS
     assert pre.cache.lengths() == [CONTEXT] * N_LAYERS
     with pytest.raises(ValueError, match="n_steps"):
         speed.decode_profile(tiny32, pre.cache, pre.last_logits.argmax(-1), n_steps=0)
