@@ -92,24 +92,17 @@ def explorer_part(model, tok, moves: int) -> dict:
 
 
 def tokens_part(model, tok) -> dict:
+    prompts = [(doc.title, doc.input_ids, 64) for doc in kl.long_documents(tok, "wiki", 512, 2)]  # 05's generation
+    prompts += [(f"passkey {ctx}", passkey.passkey_prompt(tok, ctx, 0.5, passkey.passkey_key(0, ctx, 0.5)).input_ids, 8)
+                for ctx in (1024, 2048, 4096, 8160)]   # passkey prompts, answers of 8 tokens
     checked, differ = 0, []
-    for doc in kl.long_documents(tok, "wiki", 512, 2):  # 05's full-profile generation prompts
-        pre = kl.prefill(model, doc.input_ids, capture_hidden=True)
+    for label, ids, n_new in prompts:
+        pre = kl.prefill(model, ids, capture_hidden=True)
         for pol, r in [("knorm", 1.0)] + [(p, r) for p in POLICIES_05 for r in (0.5, 0.25)]:
-            a = old_generate_greedy(model, doc.input_ids, 64, r, pol, (0, 1), pre=pre)
-            b = kl.generate_greedy(model, doc.input_ids, 64, r, pol, (0, 1), pre=pre)
+            old = old_generate_greedy(model, ids, n_new, r, pol, (0, 1), pre=pre)
             checked += 1
-            if not torch.equal(a, b):
-                differ.append([doc.title, pol, r])
-    for ctx in (1024, 2048, 4096, 8160):  # passkey prompts, answers of 8 tokens
-        p = passkey.passkey_prompt(tok, ctx, 0.5, passkey.passkey_key(0, ctx, 0.5))
-        pre = kl.prefill(model, p.input_ids, capture_hidden=True)
-        for pol, r in [("knorm", 1.0)] + [(pol, r) for pol in POLICIES_05 for r in (0.5, 0.25)]:
-            a = old_generate_greedy(model, p.input_ids, 8, r, pol, (0, 1), pre=pre)
-            b = kl.generate_greedy(model, p.input_ids, 8, r, pol, (0, 1), pre=pre)
-            checked += 1
-            if not torch.equal(a, b):
-                differ.append([f"passkey {ctx}", pol, r])
+            if not torch.equal(old, kl.generate_greedy(model, ids, n_new, r, pol, (0, 1), pre=pre)):
+                differ.append([label, pol, r])
     return {"generations_checked": checked, "differ": differ, "identical": not differ}
 
 

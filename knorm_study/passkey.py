@@ -354,8 +354,21 @@ def findings(record: dict[str, Any]) -> str:
     claim = {int(c): v for c, v in s["claim_90pct"]["by_context"].items()}
     testable = [c for c, a in full.items() if a >= 0.8]
     r_min = min(p["keep_ratios"])
-    best = ", ".join(f"{claim[c]['best_policy_at_min']} at {c} tokens "
-                     f"({claim[c]['accuracy_at_min'][claim[c]['best_policy_at_min']]:.0%})" for c in testable) or "n/a"
+
+    def best_at(ctx: int) -> str:
+        """The highest accuracy at ``r_min`` with its Wilson interval, and whether the interval
+        separates it from the runner-up's."""
+        rows = sorted((x for x in r["accuracy"] if x["context"] == ctx and x["keep_ratio"] == r_min),
+                      key=lambda x: -x["accuracy"])
+        top, rest = rows[0], rows[1:]
+        tied = [x["policy"] for x in rest if x["accuracy"] == top["accuracy"]]
+        sep = ("" if not rest else f"; tied with {', '.join(tied)}" if tied else
+               f"; above {rest[0]['policy']}'s {rest[0]['accuracy']:.0%}, "
+               + ("separated by the intervals" if top["lo"] > rest[0]["hi"] else "not separated by the intervals"))
+        return (f"{top['policy']}'s at {ctx} tokens ({top['accuracy']:.0%}, Wilson 95 % {top['lo']:.0%}–{top['hi']:.0%}, "
+                f"n = {int(top['n'])}{sep})")
+
+    best = "; ".join(best_at(c) for c in testable) or "n/a (no context is retrieved reliably uncompressed)"
     gen = r["generation_aggregate"]
     g = {(x["policy"], x["keep_ratio"]): x for x in gen}
     r_show = min(sizes["gen_keep_ratios"])
@@ -369,7 +382,7 @@ def findings(record: dict[str, Any]) -> str:
 
 {s['claim_90pct']['text']}
 
-At keep_ratio {r_min}, the best policy is {best}; accuracy at keep_ratio 1.0 is the same for every policy in
+At keep_ratio {r_min}, the highest accuracy is {best}. Accuracy at keep_ratio 1.0 is the same for every policy in
 every sample: {s['policy_independent_at_keep_1']}.
 
 **Sweep speed.** Context {sp['context']} tokens, {sp['continuation_tokens']} continuation tokens,
@@ -382,6 +395,7 @@ the cache and attending over it). Metrics identical: {sp['metrics_identical']} (
 {sp['same_correct_everywhere']}; largest NLL difference {sp['max_abs_nll_diff']:.1e}).
 
 **Generation.** At keep_ratio {r_show}, greedy continuations agree with the full cache's for {gen_text} out of
-{sizes['gen_new_tokens']} (mean over {n_prompts} prompts). The closest to the full cache overall: {best_gen['policy']} at
-keep_ratio {best_gen['keep_ratio']} ({best_gen['token_agreement']:.0%} of tokens).
+{sizes['gen_new_tokens']} (mean over {n_prompts} prompts). The highest mean agreement: {best_gen['policy']} at
+keep_ratio {best_gen['keep_ratio']} ({best_gen['token_agreement']:.0%} of tokens; {n_prompts} prompts give no interval, so this ranks
+nothing).
 """
