@@ -147,3 +147,14 @@ def test_report_renders_another_models_results(tmp_path):
     text = out.read_text()
     assert text.startswith("# knorm-study report (org/tiny, full profile)") and "figures/org--tiny/01_norm" in text
     assert (ROOT / "README.md").read_text() == readme
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "data" / "results").glob("*/full.json")), ids=lambda p: p.parent.name)
+def test_committed_results_come_from_the_committed_code(path):
+    """Nothing lands with stale results: every library file a committed full-profile result was
+    computed with (knorm_lib.py and the knorm_study modules its run imported) is byte-for-byte the
+    committed file. A change to one of them needs `make report` before it lands."""
+    identity = json.loads(path.read_text())["identity"]
+    stale = [name for name, digest in identity.get("library_sha256", {}).items()
+             if kl.file_sha256(ROOT / name) != digest]
+    assert not stale, f"{path.parent.name}: results computed with other versions of {stale}; run `make report`"
