@@ -31,20 +31,18 @@ from knorm_study import explore, passkey, runtime, speed  # noqa: E402
 POLICIES_05 = ["knorm", "random", "high_norm", "streaming", "snapkv"]
 
 
-@torch.inference_mode()
 def old_generate_greedy(model, input_ids, max_new_tokens, keep_ratio=1.0, policy="knorm", skip_layers=(0, 1),
                         order="original", position_mode="absolute", options=kl.PolicyOptions(), pre=None):
-    """``generate_greedy`` as it was before the in-place cache: DynamicCache, per-head attention."""
+    """``generate_greedy`` on the previous decode path (DynamicCache, per-head attention): the
+    same compression, then 06's timed decode on ``cache_kind="dynamic"``."""
     pre = pre or kl.prefill(model, input_ids, capture_hidden=policy in kl.KVPRESS_POLICIES)
     cache = kl.compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
-    cache, position = kl._numbered(cache, model, position_mode)
-    token = pre.last_logits.argmax(-1).view(1, 1)
-    out, dyn = [token], cache.to_transformers(in_place=False)
-    for _ in range(max_new_tokens - 1):
-        token = kl._greedy_step(model, dyn, token, position, grouped=False)
-        position += 1
-        out.append(token)
-    return torch.cat(out, dim=1)[0].cpu()
+    first = pre.last_logits.argmax(-1).view(1)
+    if max_new_tokens == 1:
+        return first.cpu()
+    rest = speed.timed_decode(model, cache, first, max_new_tokens - 1, warmup=0, position_mode=position_mode,
+                              cache_kind="dynamic")["tokens"]
+    return torch.cat([first.cpu(), torch.tensor(rest)])
 
 
 def decode_part(model, tok, n_tokens: int) -> dict:
