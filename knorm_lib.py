@@ -1,8 +1,8 @@
 """knorm_lib: KnormPress (keep the keys with the lowest L2 norm) and its measurement, exactly.
 
-The study's core, readable top to bottom; the study machinery (explorer, passkey task, speed
-probes, notebook plumbing) lives in the sibling package ``knorm_study``, which imports this module
-and never the reverse. Sections, in reading order:
+The study's core, readable top to bottom; the study machinery (decoding, explorer, passkey task,
+speed probes, notebook plumbing) lives in the sibling package ``knorm_study``, which imports this
+module and never the reverse. Sections, in reading order:
 
 1. input checks  one place for the argument checks every entry point runs before heavy work
 2. loading       ``load_model`` (embedded SmolLM2 or any supported Hugging Face id / local path),
@@ -11,7 +11,7 @@ and never the reverse. Sections, in reading order:
 4. policies      one small score function per policy (higher score = keep); ``register_policy``
 5. compression   ``n_kept_for``, ``KVCache``, ``keep_indices`` (the tie rule), ``compress_cache``, re-rotation
 6. metrics       ``token_metrics``
-7. prefill       ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions), ``generate_greedy``
+7. prefill       ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions)
 8. streaming     ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import json
 import math
 import numbers
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "random_llama", "check_supported", "recording_attention",
+    "load_model", "random_llama", "check_supported", "recording_attention", "grouped_decoding",
     "Document", "TokenizedDoc", "CORPORA", "load_corpus", "verified_corpus_path", "file_sha256", "encode",
     "long_documents",
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
@@ -56,7 +55,7 @@ __all__ = [
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "token_metrics",
     "Prefill", "prefill", "key_norms", "value_norms", "continuation_logits", "full_logits", "full_ppl",
-    "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl", "generate_greedy",
+    "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
     "streaming_ppl", "streaming_sweep",
     "POSITION_MODES", "ORDERS",
@@ -165,9 +164,9 @@ _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | Non
     contextvars.ContextVar("knorm_attn_recorder", default=None)
 
 
-# Set while decoding greedily (``_greedy_step``): single-token queries use the grouped form of
-# attention, which reads the cache once per KV head. Equal up to float rounding, not bitwise, so
-# the evaluators that score perplexity keep the per-head form.
+# Set by decoders (``grouped_decoding``): single-token queries use the grouped form of attention,
+# which reads the cache once per KV head. Equal up to float rounding, not bitwise, so the
+# evaluators that score perplexity keep the per-head form.
 _GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_grouped_decode", default=False)
 
 
@@ -184,6 +183,12 @@ def recording_attention(fn: Callable[[int, torch.Tensor], None] | None) -> conte
     """Within the block, every attention call passes ``(layer_idx, probabilities (B, H_q, q_len,
     k_len))`` to ``fn`` (how H2O and the attention studies read attention)."""
     return _using(_ATTN_RECORDER, fn)
+
+
+def grouped_decoding(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Within the block, single-token queries attend in grouped-query form: each KV head's group of
+    queries as one block, so every cached key and value is read once per step (decoding)."""
+    return _using(_GROUPED_DECODE, enabled)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -635,43 +640,6 @@ def n_kept_for(n: int, keep_ratio: float) -> int:
     return max(1, int(n * (1 - compression_ratio)))
 
 
-@functools.cache
-def _in_place_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class InPlaceLayer(DynamicLayer):
-        """A cache layer that appends in place: ``keys``/``values`` are views of a preallocated buffer."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-            super().__init__()
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-            self.n = 0
-            self._k, self._v = keys[:, :, :0], values[:, :, :0]
-            self._write(keys, values, room)
-
-        def _write(self, k: torch.Tensor, v: torch.Tensor, room: int = 0) -> None:
-            end = self.n + k.shape[2]
-            if end > self._k.shape[2]:  # outrun (or the first fill): a bigger buffer, old contents copied once
-                size = max(end + room, 2 * self._k.shape[2])
-                old_k, old_v = self._k[:, :, :self.n], self._v[:, :, :self.n]
-                self._k = k.new_empty(*k.shape[:2], size, k.shape[3])
-                self._v = v.new_empty(*v.shape[:2], size, v.shape[3])
-                self._k[:, :, :self.n], self._v[:, :, :self.n] = old_k, old_v
-            self._k[:, :, self.n:end], self._v[:, :, self.n:end] = k, v
-            self.n = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-                   cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            self._write(key_states, value_states)
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.n
-
-    return InPlaceLayer
-
-
 @dataclass
 class KVCache:
     """A per-layer KV cache detached from transformers: ``keys``/``values`` ``(B, H_kv, S_l, D)``,
@@ -690,19 +658,12 @@ class KVCache:
         pos = torch.arange(s, device=keys[0].device).expand(b, h, s)
         return cls(keys, values, [pos] * len(keys), s)
 
-    def to_transformers(self, room: int = 0, in_place: bool = True) -> Any:
-        """A fresh transformers cache holding a copy of these tensors (later updates never touch
-        ``self``). ``in_place``: each layer is preallocated for ``room`` more tokens and appends
-        into that buffer, attention reading views of it (it grows by doubling if outrun). Otherwise a
-        ``DynamicCache``, whose ``torch.cat`` copies the whole layer on every appended token (kept
-        as what transformers' own cache costs). Both give bitwise the same attention inputs."""
+    def to_transformers(self) -> Any:
+        """A fresh transformers ``DynamicCache`` holding a copy of these tensors (later updates never
+        touch ``self``)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        if in_place:
-            layer = _in_place_layer_class()
-            cache.layers = [layer(k, v, room) for k, v in zip(self.keys, self.values)]
-            return cache
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(k, v, i)
         return cache
@@ -1094,40 +1055,6 @@ def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_rati
     the true next tokens and against the same forward on the uncompressed cache."""
     cfg = EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode, seed, n_sink)
     return sweep(model, input_ids, context_len, [cfg])[0]
-
-
-def _greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int, grouped: bool = True) -> torch.Tensor:
-    """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
-    (extended by it); return the greedy next token (1, 1). ``grouped``: grouped-query attention
-    reads each kept key once (``False``: once per query head, as transformers' SDPA path does)."""
-    with _using(_GROUPED_DECODE, grouped):
-        out = model(input_ids=token, past_key_values=dyn, use_cache=True,
-                    position_ids=torch.tensor([[position]], device=model.device))
-    return out.logits[:, -1].argmax(-1).view(1, 1)
-
-
-@torch.inference_mode()
-def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, keep_ratio: float = 1.0,
-                    policy: str = "knorm", skip_layers: Sequence[int] = (0, 1), order: Order = "original",
-                    position_mode: PositionMode = "absolute", options: PolicyOptions = PolicyOptions(),
-                    pre: Prefill | None = None) -> torch.Tensor:
-    """Greedy continuation of ``input_ids`` after compressing its prefill cache once.
-
-    New tokens get true positions under ``absolute``. Pass ``pre`` to reuse one prefill."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode).validate(_n_layers(model))
-    pre = pre or prefill(model, input_ids, capture_hidden=policy in KVPRESS_POLICIES)
-    cache = compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
-    cache, position = _numbered(cache, model, position_mode)
-    token = pre.last_logits.argmax(-1).view(1, 1)
-    out_tokens = [token]
-    dyn = cache.to_transformers(room=max_new_tokens)
-    for _ in range(max_new_tokens - 1):
-        token = _greedy_step(model, dyn, token, position)
-        position += 1
-        out_tokens.append(token)
-    return torch.cat(out_tokens, dim=1)[0].cpu()
 
 
 # ----------------------------------------------------------------------------------------------

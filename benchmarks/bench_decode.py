@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import knorm_lib as kl  # noqa: E402
-from knorm_study import explore, passkey, runtime, speed  # noqa: E402
+from knorm_study import decode, explore, passkey, runtime, speed  # noqa: E402
 
 POLICIES_05 = ["knorm", "random", "high_norm", "streaming", "snapkv"]
 
@@ -77,9 +77,9 @@ def explorer_part(model, tok, moves: int) -> dict:
     settings = [0.5, 0.25, 0.75, 0.1, 0.9, 0.3, 0.6, 0.2][:moves]
     ex.view(0.4)  # warm-up, scores cached as in the notebook
     times = {}
-    for name, gen in (("old", old_generate_greedy), ("new", kl.generate_greedy), ("old_again", old_generate_greedy),
-                      ("new_again", kl.generate_greedy)):
-        with mock.patch.object(kl, "generate_greedy", gen):
+    for name, gen in (("old", old_generate_greedy), ("new", decode.generate_greedy), ("old_again", old_generate_greedy),
+                      ("new_again", decode.generate_greedy)):
+        with mock.patch.object(decode, "generate_greedy", gen):
             times[name] = [ex.view(r).seconds for r in settings]
     new, old = times["new"] + times["new_again"], times["old"] + times["old_again"]
     return {"text_tokens": int(ex.ids.shape[1]), "context_tokens": ex.context_len, "moves": len(new),
@@ -99,7 +99,7 @@ def tokens_part(model, tok) -> dict:
         for pol, r in [("knorm", 1.0)] + [(p, r) for p in POLICIES_05 for r in (0.5, 0.25)]:
             old = old_generate_greedy(model, ids, n_new, r, pol, (0, 1), pre=pre)
             checked += 1
-            if not torch.equal(old, kl.generate_greedy(model, ids, n_new, r, pol, (0, 1), pre=pre)):
+            if not torch.equal(old, decode.generate_greedy(model, ids, n_new, r, pol, (0, 1), pre=pre)):
                 differ.append([label, pol, r])
     return {"generations_checked": checked, "differ": differ, "identical": not differ}
 

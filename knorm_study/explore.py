@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 import knorm_lib as kl
-from knorm_study import quality, runtime
+from knorm_study import decode, quality, runtime
 
 
 def default_text() -> str:
@@ -78,7 +78,7 @@ class Explorer:
         self.targets = self.ids[0, self.context_len + 1:].to(model.device)
         self.ref_logits = kl.continuation_logits(model, self.pre.cache, self.new_ids)
         self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
-        self.reference_ids = kl.generate_greedy(model, self.ids[:, :self.context_len], n_generate, pre=self.pre)
+        self.reference_ids = decode.generate_greedy(model, self.ids[:, :self.context_len], n_generate, pre=self.pre)
         self._scores: dict[tuple, list] = {}
 
     def view(self, keep_ratio: float, policy: str = "knorm", skip_layers: Sequence[int] = (0, 1),
@@ -97,7 +97,7 @@ class Explorer:
                                     self._scores[policy])
         kept = torch.zeros(self.context_len, dtype=torch.bool)
         kept[cache.positions[layer][0, kv_head].cpu()] = True
-        generated = kl.generate_greedy(self.model, self.ids[:, :self.context_len], self.n_generate, keep_ratio, policy,
+        generated = decode.generate_greedy(self.model, self.ids[:, :self.context_len], self.n_generate, keep_ratio, policy,
                                        skip_layers, order, position_mode, pre=self.pre)
         return ExplorerView(self.tokens, kept.tolist(), kl._norms(self.pre.cache.keys[layer])[0].cpu(), result,
                             self.tokenizer.decode(generated), self.tokenizer.decode(self.reference_ids),

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 import knorm_lib as kl
-from knorm_study import intervals, quality
+from knorm_study import decode, intervals, quality
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the important information there.")
@@ -296,10 +296,10 @@ def generation_runs(model: Any, docs: Sequence[kl.TokenizedDoc], policies: Seque
     t0 = time.perf_counter()
     for doc in tqdm(docs, desc="generation prompts", mininterval=10):
         pre = kl.prefill(model, doc.input_ids, capture_hidden=any(p in kl.KVPRESS_POLICIES for p in policies))
-        reference = texts[(doc.title, "full cache", 1.0)] = kl.generate_greedy(model, doc.input_ids, n_new, pre=pre)
+        reference = texts[(doc.title, "full cache", 1.0)] = decode.generate_greedy(model, doc.input_ids, n_new, pre=pre)
         for pol in policies:
             for r in keep_ratios:
-                out = texts[(doc.title, pol, r)] = kl.generate_greedy(model, doc.input_ids, n_new, r, pol,
+                out = texts[(doc.title, pol, r)] = decode.generate_greedy(model, doc.input_ids, n_new, r, pol,
                                                                       tuple(skip_layers), pre=pre)
                 rows.append({"prompt": doc.title, "policy": pol, "keep_ratio": r,
                              **quality.generation_agreement(out, reference)})
@@ -351,7 +351,6 @@ def findings(record: dict[str, Any]) -> str:
     s, sp, sizes = r["summary"], r["speed"], p["sizes"]
     full = {int(c): a for c, a in s["uncompressed_accuracy_by_context"].items()}
     longest = s["longest_context_retrieved_uncompressed"]
-    claim = {int(c): v for c, v in s["claim_90pct"]["by_context"].items()}
     testable = [c for c, a in full.items() if a >= 0.8]
     r_min = min(p["keep_ratios"])
 

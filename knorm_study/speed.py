@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import knorm_lib as kl
+from knorm_study import decode
 
 
 def _sync(device: Any) -> None:
@@ -115,7 +116,7 @@ def peak_memory(fn: Callable[[], Any], interval_s: float = 0.005, device: str = 
     return result, {"kind": "rss", "baseline_bytes": base, "peak_bytes": peak[0], "increase_bytes": peak[0] - base}
 
 
-# How a decode step holds the cache: "in_place" is the study's decode path (``generate_greedy``:
+# How a decode step holds the cache: "in_place" is the study's decode path (``decode.generate_greedy``:
 # preallocated, appended in place, grouped-query attention); "dynamic" is transformers'
 # ``DynamicCache`` (a ``torch.cat`` copy of every layer per token) with per-head attention.
 CACHE_KINDS: tuple[str, ...] = ("in_place", "dynamic")
@@ -125,8 +126,9 @@ KV_PASSES = {"in_place": 1, "dynamic": 3}
 
 def _decode_cache(cache: kl.KVCache, cache_kind: str, room: int) -> tuple[Any, bool]:
     """The transformers cache a decode of ``room`` tokens runs on, and whether attention is grouped."""
-    in_place = cache_kind == "in_place"
-    return cache.to_transformers(room=room, in_place=in_place), in_place
+    if cache_kind == "in_place":
+        return decode.in_place_cache(cache, room), True
+    return cache.to_transformers(), False
 
 
 @torch.inference_mode()
@@ -134,7 +136,7 @@ def timed_decode(model: Any, cache: kl.KVCache, first_token: torch.Tensor, n_tok
                  position_mode: kl.PositionMode = "absolute", cache_kind: str = "in_place") -> dict[str, Any]:
     """Greedy decoding of ``n_tokens`` tokens after ``first_token`` on ``cache``, one forward per
     token, each step timed (device synchronised). The first ``warmup`` steps are run but not
-    reported. New tokens are numbered exactly as in ``generate_greedy`` (true positions under
+    reported. New tokens are numbered exactly as in ``decode.generate_greedy`` (true positions under
     ``absolute``); ``cache`` itself is never modified; ``cache_kind`` (``CACHE_KINDS``) picks the
     decode path. Returns per-step seconds, their median (TPOT) and the tokens generated."""
     kl._positive_int("n_tokens", n_tokens)
@@ -148,7 +150,7 @@ def timed_decode(model: Any, cache: kl.KVCache, first_token: torch.Tensor, n_tok
     for _ in range(warmup + n_tokens):
         _sync(model.device)
         t0 = time.perf_counter()
-        token = kl._greedy_step(model, dyn, token, position, grouped)
+        token = decode.greedy_step(model, dyn, token, position, grouped)
         _sync(model.device)
         times.append(time.perf_counter() - t0)
         tokens.append(token)
@@ -266,7 +268,7 @@ def decode_profile(model: Any, cache: kl.KVCache, first_token: torch.Tensor, n_s
 
     def steps() -> None:
         for _ in range(n_steps):
-            state["token"] = kl._greedy_step(model, dyn, state["token"], state["position"], grouped)
+            state["token"] = decode.greedy_step(model, dyn, state["token"], state["position"], grouped)
             state["position"] += 1
         _sync(model.device)
 

@@ -7,6 +7,7 @@ import torch
 
 import knorm_lib as kl
 from helpers import BAD_KEEP_RATIOS, CONTEXT, N_LAYERS, N_TOKENS
+from knorm_study import decode
 
 
 @pytest.mark.parametrize("keep_ratio", BAD_KEEP_RATIOS, ids=repr)
@@ -22,7 +23,7 @@ def test_bad_keep_ratio(keep_ratio, tiny64, ids, full_cache, forward_count):
         kl.sweep(tiny64, ids, CONTEXT, [kl.EvalConfig(0.5), kl.EvalConfig(keep_ratio)])
     assert forward_count == []
     with pytest.raises(ValueError, match="keep_ratio"):
-        kl.generate_greedy(tiny64, ids[:, :8], 2, keep_ratio=keep_ratio)
+        decode.generate_greedy(tiny64, ids[:, :8], 2, keep_ratio=keep_ratio)
 
 
 def test_empty_text():
@@ -89,7 +90,7 @@ def test_unknown_order_or_position_mode(name, kwargs, tiny64, ids, full_cache, f
         with pytest.raises(ValueError, match=name):
             kl.continuation_logits(tiny64, full_cache, ids[:, CONTEXT:-1], **kwargs)
     with pytest.raises(ValueError, match=name):
-        kl.generate_greedy(tiny64, ids[:, :8], 2, **kwargs)
+        decode.generate_greedy(tiny64, ids[:, :8], 2, **kwargs)
 
 
 def test_bad_input_ids_and_counts(tiny64, ids, forward_count):
@@ -101,7 +102,7 @@ def test_bad_input_ids_and_counts(tiny64, ids, forward_count):
     with pytest.raises(ValueError, match="input_ids"):
         kl.prefill(tiny64, ids[:, :0])
     with pytest.raises(ValueError, match="max_new_tokens"):
-        kl.generate_greedy(tiny64, ids, 0)
+        decode.generate_greedy(tiny64, ids, 0)
     with pytest.raises(ValueError, match="max_tokens"):
         kl.encode(lambda *a, **k: None, "some text", max_tokens=0)
     assert forward_count == []

@@ -1,4 +1,4 @@
-"""Prefill evaluation: keep_ratio 1 is the model, positions, sweeps, greedy generation, metrics."""
+"""Prefill evaluation: keep_ratio 1 is the model, positions, sweeps, metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import knorm_lib as kl
-from helpers import CONTEXT, HEAD_DIM, N_KV_HEADS, N_LAYERS, N_TOKENS, REAL_CONTEXT, SWEEP_CONFIGS, _full_forward_nll, _greedy_reference
+from helpers import CONTEXT, N_LAYERS, N_TOKENS, REAL_CONTEXT, SWEEP_CONFIGS, _full_forward_nll
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -160,14 +160,13 @@ def test_sweep_with_given_reference_equals_sweep(tiny64, ids40):
 
 
 def test_evaluation_leaves_the_cache_untouched(tiny64, ids):
-    """continuation_logits and generate_greedy must not grow or modify the cache they are given:
-    sweep relies on reusing one prefill cache for every configuration."""
+    """continuation_logits must not grow or modify the cache it is given: sweep relies on reusing
+    one prefill cache for every configuration."""
     pre = kl.prefill(tiny64, ids[:, :CONTEXT])
     cache = kl.compress_cache(pre.cache, 0.5, "knorm")
     snapshot = [(k.clone(), v.clone()) for k, v in zip(cache.keys, cache.values)]
     for mode in kl.POSITION_MODES:
         kl.continuation_logits(tiny64, cache, ids[:, CONTEXT:-1], mode)
-    kl.generate_greedy(tiny64, ids[:, :CONTEXT], 5, keep_ratio=0.5, pre=pre)
     assert cache.lengths() == [CONTEXT, CONTEXT, 20, 20] and pre.cache.lengths() == [CONTEXT] * N_LAYERS
     for (k, v), k2, v2 in zip(snapshot, cache.keys, cache.values):
         assert torch.equal(k, k2) and torch.equal(v, v2)
@@ -193,70 +192,3 @@ def test_token_metrics_chunking_is_exact(tiny64, ids40):
         torch.testing.assert_close(a[k], b[k])
     direct_kl = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
     torch.testing.assert_close(a["kl"], direct_kl, rtol=1e-8, atol=1e-10)
-
-
-def test_generate_greedy_keep_all_equals_reference(tiny64, ids):
-    """generate_greedy with keep_ratio=1 must reproduce plain greedy decoding token for token."""
-    prompt = ids[:, :CONTEXT]
-    gen = kl.generate_greedy(tiny64, prompt, 12, keep_ratio=1.0)
-    ref = _greedy_reference(tiny64, prompt, 12)
-    assert gen.shape == (12,)
-    assert torch.equal(gen, ref)
-
-
-@pytest.mark.parametrize("position_mode", ["absolute", "cache_relative", "rerotated"])
-def test_generate_greedy_positions_match_teacher_forcing(position_mode, tiny64, ids):
-    """Under compression, each greedy token must be the argmax of the teacher-forced continuation
-    over the same compressed cache in the same position mode: the decoding loop numbers its tokens
-    exactly like continuation_logits does. skip_layers=(1,) mixes a compressed layer 0 (what
-    cache_relative keys on) with a whole layer (what rerotated shifts)."""
-    prompt = ids[:, :CONTEXT]
-    gen = kl.generate_greedy(tiny64, prompt, 10, keep_ratio=0.5, skip_layers=(1,), position_mode=position_mode)
-    pre = kl.prefill(tiny64, prompt)
-    cache = kl.compress_cache(pre.cache, 0.5, "knorm", skip_layers=(1,))
-    logits = kl.continuation_logits(tiny64, cache, gen[:-1].view(1, -1), position_mode)
-    assert torch.equal(logits.argmax(-1), gen[1:])
-    assert gen[0] == pre.last_logits.argmax()
-
-
-
-def test_in_place_decode_cache_appends_exactly(tiny64, ids):
-    """The in-place decode cache hands attention bitwise the same keys and values as transformers'
-    DynamicCache, layers of different lengths included, when the preallocated room runs out (it
-    grows), and the KVCache it came from is never touched."""
-    pre = kl.prefill(tiny64, ids[:, :CONTEXT])
-    cache = kl.compress_cache(pre.cache, 0.5, skip_layers=(1,))
-    before = [k.clone() for k in cache.keys]
-    in_place, dynamic = cache.to_transformers(room=3), cache.to_transformers(in_place=False)
-    assert [layer.get_seq_length() for layer in in_place.layers] == cache.lengths()
-    gen = torch.Generator().manual_seed(0)
-    for step in range(7):  # room for 3: the buffer grows on step 4
-        for i, n in enumerate(cache.lengths()):
-            k, v = torch.randn(2, 1, N_KV_HEADS, 1, HEAD_DIM, generator=gen, dtype=torch.float64)
-            a, b = in_place.update(k, v, i), dynamic.update(k, v, i)
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape[2] == n + step + 1
-            assert in_place.layers[i].get_seq_length() == n + step + 1
-    assert all(torch.equal(k, b) for k, b in zip(cache.keys, before))
-
-
-@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
-def test_grouped_decode_attention_equals_per_head(keep_ratio, tiny64, ids):
-    """A decode step's grouped-query attention (each KV head's query group as one block) is the
-    per-query-head attention up to float rounding: float64 logits agree to 1e-12, and greedy
-    generation on the in-place cache gives the tokens of the DynamicCache, per-head path."""
-    pre = kl.prefill(tiny64, ids[:, :CONTEXT])
-    cache = kl.compress_cache(pre.cache, keep_ratio)
-    token = pre.last_logits.argmax(-1).view(1, 1)
-    position = torch.tensor([[CONTEXT]])
-    logits = {}
-    for grouped in (True, False):
-        with kl._using(kl._GROUPED_DECODE, grouped):
-            logits[grouped] = tiny64(input_ids=token, past_key_values=cache.to_transformers(room=1),
-                                     position_ids=position).logits
-    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-12)
-    dyn, in_place = cache.to_transformers(in_place=False), cache.to_transformers(room=8)
-    a = b = token
-    for t in range(8):
-        a = kl._greedy_step(tiny64, dyn, a, CONTEXT + t, grouped=False)
-        b = kl._greedy_step(tiny64, in_place, b, CONTEXT + t)
-        assert torch.equal(a, b)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import knorm_lib as kl
 from helpers import CONTEXT, N_TOKENS, _acc, random_ids
-from knorm_study import passkey
+from knorm_study import decode, passkey
 
 
 def test_span_metrics_reads_exactly_the_spans_tokens(tiny32):
@@ -71,7 +71,7 @@ def test_passkey_teacher_forced_verdict_equals_greedy_generation(real_model):
     model, tokenizer = real_model
     p = passkey.passkey_prompt(tokenizer, 400, 0.5, passkey.passkey_key(0, 400, 0.5))
     res = kl.sweep(model, p.input_ids, p.context_len, [kl.EvalConfig(1.0)])[0]
-    generated = kl.generate_greedy(model, p.prompt_ids, len(p.key_ids))
+    generated = decode.generate_greedy(model, p.prompt_ids, len(p.key_ids))
     assert passkey.span_metrics(res, p.key_start)["correct"]
     assert torch.equal(generated, p.key_ids)
 

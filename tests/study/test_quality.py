@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import knorm_lib as kl
 from helpers import CONTEXT, _threshold_rows
-from knorm_study import quality
+from knorm_study import decode, quality
 
 
 def test_keep_ratio_thresholds_need_every_larger_ratio_to_pass():
@@ -45,8 +44,8 @@ def test_generation_agreement():
 def test_generation_agreement_on_generated_tokens(tiny64, ids):
     """On real generations, agreement is consistent with the tokens themselves."""
     prompt = ids[:, :CONTEXT]
-    full = kl.generate_greedy(tiny64, prompt, 16)
-    comp = kl.generate_greedy(tiny64, prompt, 16, keep_ratio=0.1, skip_layers=())
+    full = decode.generate_greedy(tiny64, prompt, 16)
+    comp = decode.generate_greedy(tiny64, prompt, 16, keep_ratio=0.1, skip_layers=())
     agree = quality.generation_agreement(comp, full)
     same = (comp == full)
     assert agree["token_agreement"] == pytest.approx(same.float().mean().item())

@@ -8,7 +8,7 @@ import torch
 
 import knorm_lib as kl
 from helpers import CONTEXT, N_LAYERS
-from knorm_study import speed
+from knorm_study import decode, speed
 
 
 def test_weight_bytes_counts_tied_weights_once():
@@ -40,7 +40,7 @@ def test_timed_decode_equals_generate_greedy(keep_ratio, tiny32, ids):
     cache = kl.compress_cache(pre.cache, keep_ratio)
     lengths = cache.lengths()
     out = speed.timed_decode(tiny32, cache, pre.last_logits.argmax(-1), 6, warmup=2)
-    ref = kl.generate_greedy(tiny32, ids[:, :CONTEXT], 9, keep_ratio=keep_ratio, pre=pre)
+    ref = decode.generate_greedy(tiny32, ids[:, :CONTEXT], 9, keep_ratio=keep_ratio, pre=pre)
     assert out["tokens"] == ref[1:].tolist()
     assert cache.lengths() == lengths
     assert len(out["step_s"]) == 6 and len(out["warmup_step_s"]) == 2 and all(t > 0 for t in out["step_s"])
