@@ -1017,14 +1017,16 @@ def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Ten
 
 
 def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
-          progress: bool = False, reference_logits: torch.Tensor | None = None) -> list[EvalResult]:
+          progress: bool = False, reference_logits: torch.Tensor | None = None,
+          pre: Prefill | None = None) -> list[EvalResult]:
     """Evaluate many configurations on one input with ONE prefill of the context.
 
     Compression after prefill only reads the prefill's cache, so compressing a fresh copy per
     configuration is exact; scores are computed once per policy and reused across keep_ratios.
     ``reference_logits`` (the uncompressed continuation's logits, e.g. from an earlier sweep of the
     same input) skips that forward: re-prefilling per configuration then costs exactly one prefill
-    and one continuation, which is how 04_quality_tradeoffs times the two paths."""
+    and one continuation, which is how 04_quality_tradeoffs times the two paths. ``pre``: the
+    prefill of ``input_ids[:, :context_len]`` when the caller needs it too (its ``last_logits``)."""
     input_ids = _check_ids(input_ids)
     _check_context_len(context_len, input_ids.shape[1])
     if isinstance(configs, EvalConfig) or not all(isinstance(c, EvalConfig) for c in configs):
@@ -1033,7 +1035,12 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     for cfg in configs:
         cfg.validate(_n_layers(model))
     needs_hidden = any(cfg.policy in KVPRESS_POLICIES for cfg in configs)
-    pre = prefill(model, input_ids[:, :context_len], capture_hidden=needs_hidden)
+    if pre is None:
+        pre = prefill(model, input_ids[:, :context_len], capture_hidden=needs_hidden)
+    elif pre.cache.seq_len != context_len or (needs_hidden and pre.layer_inputs is None):
+        raise ValueError(f"pre: must be the prefill of the first context_len={context_len} tokens"
+                         + (" with capture_hidden=True (kvpress policies)" if needs_hidden else "")
+                         + f"; got one of {pre.cache.seq_len} tokens")
     new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
     ref_logits = reference_logits if reference_logits is not None else continuation_logits(model, pre.cache, new_ids)
     score_cache: dict[tuple, list] = {}

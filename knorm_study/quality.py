@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 import knorm_lib as kl
+from knorm_study import intervals
 
 METRICS: tuple[str, ...] = ("ppl", "next_token_acc", "kl", "top1_agree")
 PROTOCOLS: tuple[str, ...] = ("prefill", "streaming")
@@ -166,6 +167,112 @@ def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], vari
     return pd.DataFrame(rows), seconds
 
 
+# The streaming protocol's schedules. ``streaming_rows`` cuts every compressed layer back after
+# each token (the study's schedule); the paper's code (``l2compress``) cuts a layer back in bursts
+# once it holds ``prune_after`` entries, and a recent window keeps the newest tokens whatever
+# their norm. The schedules keep different amounts at one keep_ratio, so they are compared at
+# matched effective kept fraction (``mean_kept_fraction``: tokens a compressed layer holds / tokens
+# seen, averaged over steps), never at equal keep_ratio.
+def schedule_variants(keep_ratios: Sequence[float], prune_afters: Sequence[int], recent_window: int,
+                      skip_layers: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, streaming_ppl keywords)``: knorm with the reference code's bursts for each
+    ``prune_after``, and knorm keeping the ``recent_window`` newest tokens (none if 0), at every
+    keep_ratio; all leave ``skip_layers`` uncompressed."""
+    skip = tuple(skip_layers)
+    out = [(f"knorm burst P={p}", dict(policy="knorm", keep_ratio=r, prune_after=p, skip_layers=skip))
+           for p in prune_afters for r in keep_ratios]
+    if recent_window:
+        out += [(f"knorm + recent {recent_window}", dict(policy="knorm", keep_ratio=r, recent_window=recent_window,
+                                                         skip_layers=skip)) for r in keep_ratios]
+    return out
+
+
+def schedule_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
+                  schedules: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, list[float]]:
+    """One ``kl.streaming_sweep`` of ``schedules`` per document, rows as ``streaming_rows`` writes
+    them (with ``mean_kept_fraction``), and seconds per document."""
+    import pandas as pd
+
+    rows, seconds = [], []
+    for corpus, doc in docs:
+        t0 = time.perf_counter()
+        results = kl.streaming_sweep(model, doc.input_ids, [cfg for _, cfg in schedules], progress=True)
+        seconds.append(time.perf_counter() - t0)
+        rows += [{"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
+                 for (label, _), res in zip(schedules, results)]
+    return pd.DataFrame(rows), seconds
+
+
+MATCHED_VARIANTS = ("knorm", "streaming", "h2o")   # per-token rows shown beside the schedules
+
+
+def schedule_curves(stream_rows: Any, schedule_rows: Any, variants: Sequence[str]) -> tuple[list[dict], Any]:
+    """The per-token streaming rows of ``variants`` (and the full cache) with the schedule rows, as
+    records for ``matched_memory``; and per line and keep_ratio, the kept fraction and the geometric
+    mean, min and max over documents of PPL / the document's full-cache PPL (for the figure)."""
+    import pandas as pd
+
+    per_token = stream_rows[(stream_rows.protocol == "streaming")
+                            & stream_rows.variant.isin([*variants, "full cache"])]
+    rows = pd.concat([per_token, schedule_rows], ignore_index=True)
+    full = rows[rows.variant == "full cache"].set_index("document").ppl
+    rows = rows.assign(log_ratio=[math.log(p / full[d]) for p, d in zip(rows.ppl, rows.document)])
+    line = rows[rows.variant != "full cache"].groupby(["variant", "keep_ratio"], sort=False).agg(
+        kept_fraction=("mean_kept_fraction", "mean"), log_ratio=("log_ratio", "mean"),
+        log_min=("log_ratio", "min"), log_max=("log_ratio", "max"), n_docs=("document", "nunique")).reset_index()
+    for col, name in (("log_ratio", "ppl_ratio"), ("log_min", "ppl_ratio_min"), ("log_max", "ppl_ratio_max")):
+        line[name] = line.pop(col).map(math.exp)
+    return rows.drop(columns="log_ratio").to_dict("records"), line
+
+
+def matched_memory(rows: Sequence[dict[str, Any]], variants: Sequence[str], fractions: Sequence[float],
+                   reference: str = "knorm") -> list[dict[str, Any]]:
+    """Each variant at each effective kept fraction ``f`` in ``fractions``: per document, the log
+    of PPL / the document's full-cache PPL, interpolated linearly in the kept fraction between the
+    variant's two measured points around ``f`` (outside its measured range: ``n`` 0, not
+    measured); the geometric mean over documents as a PPL ratio, and the paired per-document
+    difference to ``reference`` in log PPL with its bootstrap interval (positive: the variant is worse)."""
+    import numpy as np
+
+    full = {x["document"]: x["ppl"] for x in rows if x["variant"] == "full cache"}
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for x in rows:
+        if x["variant"] in variants and x["document"] in full:
+            points.setdefault((x["variant"], x["document"]), []).append(
+                (x["mean_kept_fraction"], math.log(x["ppl"] / full[x["document"]])))
+    at: dict[tuple[str, float], dict[str, float]] = {}
+    for (variant, doc), pts in points.items():
+        xs, ys = zip(*sorted(pts))
+        for f in fractions:
+            if xs[0] <= f <= xs[-1]:
+                at.setdefault((variant, f), {})[doc] = float(np.interp(f, xs, ys))
+    out = []
+    for variant in variants:
+        for f in fractions:
+            by_doc, ref = at.get((variant, f), {}), at.get((reference, f), {})
+            docs = sorted(set(by_doc) & set(ref))
+            row = {"variant": variant, "kept_fraction": f, "n": len(by_doc),
+                   "ppl_ratio": math.exp(sum(by_doc.values()) / len(by_doc)) if by_doc else math.nan}
+            if variant != reference and docs:
+                d = intervals.paired_bootstrap([by_doc[k] - ref[k] for k in docs])
+                row.update({f"vs_{reference}_{k}": d[k] for k in ("mean", "lo", "hi", "resolved")})
+            out.append(row)
+    return out
+
+
+def matched_memory_markdown(rows: Sequence[dict[str, Any]], reference: str = "knorm") -> str:
+    """``matched_memory``'s rows as a Markdown table."""
+    lines = [f"| policy / schedule | kept fraction | n docs | PPL / full cache | log PPL − {reference}'s [95 % bootstrap] |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        diff = ("—" if f"vs_{reference}_mean" not in r else
+                f"{r[f'vs_{reference}_mean']:+.3f} [{r[f'vs_{reference}_lo']:+.3f}, {r[f'vs_{reference}_hi']:+.3f}]"
+                + ("" if r[f"vs_{reference}_resolved"] else " not resolved"))
+        ratio = "outside the measured range" if r["n"] == 0 else f"{r['ppl_ratio']:.3f}"
+        lines.append(f"| {r['variant']} | {r['kept_fraction']:g} | {r['n']} | {ratio} | {diff} |")
+    return "\n".join(lines)
+
+
 def curves(frames: Sequence[Any], variants_by_protocol: dict[str, Sequence[Variant]]) -> tuple[Any, Any]:
     """All rows (``frames`` concatenated) with ``ppl_ratio``, each configuration's PPL over its own
     document's full cache (documents differ in difficulty); and the curves: the compressed rows
@@ -184,8 +291,6 @@ def curves(frames: Sequence[Any], variants_by_protocol: dict[str, Sequence[Varia
 def aggregates(curve_rows: Any) -> tuple[Any, Any]:
     """Mean and 95 % interval over documents per protocol × corpus × variant × keep_ratio, and the
     same pooled over corpora."""
-    from knorm_study import intervals
-
     records, metrics = curve_rows.to_dict("records"), [*METRICS, "ppl_ratio"]
     return (intervals.aggregate(records, ["protocol", "corpus", "variant", "keep_ratio"], metrics),
             intervals.aggregate(records, ["protocol", "variant", "keep_ratio"], metrics))
@@ -231,8 +336,6 @@ def paired_comparisons(rows: Sequence[dict[str, Any]], protocol: str, keep_ratio
     """``reference`` against every other variant of ``protocol`` at ``keep_ratio``, paired by
     document: the difference in log perplexity (mean NLL, nats per scored token; negative means
     ``reference`` is better) with its bootstrap interval over the documents both were run on."""
-    from knorm_study import intervals
-
     log_ppl: dict[str, dict[str, float]] = {}
     for x in rows:
         if x["protocol"] == protocol and x["keep_ratio"] == keep_ratio:
@@ -247,8 +350,6 @@ def paired_comparisons(rows: Sequence[dict[str, Any]], protocol: str, keep_ratio
 
 
 def _comparison_text(comparisons: Sequence[dict[str, Any]], reference: str) -> str:
-    from knorm_study import intervals
-
     few = [c for c in comparisons if c["n"] < intervals.MIN_BOOTSTRAP_UNITS]
     verdict = lambda c: ("" if c in few else " (not resolved)" if not c["resolved"] else
                          f" ({reference} better)" if c["mean"] < 0 else f" ({c['variant']} better)")
@@ -311,7 +412,36 @@ def findings(record: dict[str, Any]) -> str:
                  f"{'speedup' if speed['speedup'] > 1 else 'ratio (no speedup)'} (forward-token ceiling "
                  f"{speed['token_ceiling']:.2f}×), with identical metrics (largest NLL difference "
                  f"{speed['max_abs_nll_diff']:.1e}).")
+    if r.get("matched_memory"):
+        lines.append(schedules_text(record))
     return "\n\n".join(lines) + "\n"
+
+
+def _schedule_verdict(row: dict[str, Any]) -> str:
+    if "vs_knorm_mean" not in row:
+        return ""
+    if not row["vs_knorm_resolved"]:
+        return " (not resolved)"
+    return " (worse than per-token knorm)" if row["vs_knorm_mean"] > 0 else " (better than per-token knorm)"
+
+
+def schedules_text(record: dict[str, Any]) -> str:
+    """The streaming schedules at matched effective kept fraction (Markdown), from 04's record."""
+    r, sizes = record["results"], record["parameters"]["sizes"]
+    n_docs = len(r["stream_documents"])
+    per_fraction = {}
+    for x in r["matched_memory"]:
+        per_fraction.setdefault(x["kept_fraction"], []).append(x)
+    parts = [f"at {f:g}: " + ", ".join(
+        f"{x['variant']} {'not measured' if x['n'] == 0 else format(x['ppl_ratio'], '.2f') + '×'}{_schedule_verdict(x)}"
+        for x in xs) for f, xs in sorted(per_fraction.items())]
+    return (f"**Streaming schedules at matched memory** ({n_docs} documents of {sizes['stream_tokens']} tokens; "
+            "effective kept fraction = tokens a compressed layer holds / tokens seen, averaged over steps). "
+            "Perplexity over the full cache's (geometric mean over documents), \"knorm\" being the per-token "
+            "schedule, \"burst P\" the reference code's (`l2compress`: a layer holding P entries is cut to "
+            "ceil(keep_ratio × P)): " + "; ".join(parts) + ". Paired per-document differences in log perplexity "
+            f"to per-token knorm with bootstrap intervals are in the table (at least "
+            f"{intervals.MIN_BOOTSTRAP_UNITS} documents are needed to call one resolved).")
 
 
 def headline(record: dict[str, Any]) -> str:
@@ -324,7 +454,23 @@ def headline(record: dict[str, Any]) -> str:
             f"prefill protocol: {within('prefill')}. Streaming protocol: {within('streaming')}. "
             + (f"One prefill for every configuration is {speed:.1f}× faster than re-prefilling" if speed > 1 else
                f"One prefill for every configuration is not faster than re-prefilling here ({speed:.2f}×)")
-            + ", with identical metrics.\n")
+            + ", with identical metrics.\n" + (_schedules_headline(r) if r.get("matched_memory") else ""))
+
+
+def _schedules_headline(r: dict[str, Any]) -> str:
+    """README's line on the streaming schedules, at the matched kept fraction most of them reach."""
+    by_fraction: dict[float, list[dict[str, Any]]] = {}
+    for x in r["matched_memory"]:
+        by_fraction.setdefault(x["kept_fraction"], []).append(x)
+    f, rows = max(by_fraction.items(), key=lambda kv: (sum(1 for x in kv[1] if x["n"]), -kv[0]))
+    at, missing = [x for x in rows if x["n"]], [x["variant"] for x in rows if not x["n"]]
+    resolved = [x for x in at if x.get("vs_knorm_resolved")]
+    return (f"- **Streaming schedules at matched memory (effective kept fraction {f:g}, "
+            f"{len(r['stream_documents'])} documents):** PPL / full cache " + ", ".join(
+                f"{x['variant']} {x['ppl_ratio']:.2f}×" for x in at)
+            + (f" ({', '.join(missing)}: not at this fraction)" if missing else "") + ". "
+            + (f"Resolved against per-token knorm: {', '.join(x['variant'] + _schedule_verdict(x) for x in resolved)}."
+               if resolved else "No difference to per-token knorm is resolved at this number of documents.") + "\n")
 
 
 def _streaming_table(record: dict[str, Any]) -> tuple[float, list[float], dict[str, dict[float, dict[str, Any]]]]:

@@ -60,6 +60,17 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "skip_layers": lambda n, v: kl._require(isinstance(v, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in v),
                                          n, v, "a list of layer indices"),
     "position_mode": lambda n, v: kl._check_choice(n, v, kl.POSITION_MODES),
+    "schedule_keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
+    "prune_afters": lambda n, v: v is None or kl._check_list(n, v, lambda p: kl._positive_int(n, p)),
+    "recent_window": lambda n, v: kl._require(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                                           n, v, "None (the profile's) or an int >= 0"),
+    "matched_fractions": lambda n, v: v is None or kl._check_list(
+        n, v, lambda f: kl._require(isinstance(f, (int, float)) and 0 < f < 1, n, v, "fractions in (0, 1)")),
+    "protocol_policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
+    "protocol_keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
+    "protocol_context": lambda n, v: v is None or kl._positive_int(n, v),
+    "protocol_seeds": lambda n, v: v is None or kl._positive_int(n, v),
+    "protocol_skip_sets": lambda n, v: v is None or kl._check_list(n, v, lambda s: kl._check_layer_list(n, s)),
     "text": lambda n, v: kl._require(v is None or (isinstance(v, str) and bool(v.strip())), n, v,
                                   "None (a wiki article) or non-empty text"),
 }

@@ -200,6 +200,15 @@ keep_ratio must pass too; "—": even the largest compressed keep_ratio fails):
 ![PPL against keep_ratio]({fig_dir}/ppl_vs_keep_ratio.png)
 ![KL heat-strip]({fig_dir}/kl_heatstrip.png)
 """
+    if r.get("matched_memory"):
+        body += f"""
+**Streaming schedules at matched memory** (each line interpolated per document at the kept fraction, then paired
+with per-token knorm on the same document):
+
+{quality.matched_memory_markdown(r['matched_memory'])}
+
+![Streaming schedules against the effective kept fraction]({fig_dir}/schedules_matched_memory.png)
+"""
     return body, quality.headline(res)
 
 
@@ -340,15 +349,21 @@ Greedy generation on {sizes['n_gen_prompts']} wiki prompts of {sizes['gen_prompt
 ![heatmaps]({fig_dir}/passkey_heatmaps.png)
 ![accuracy]({fig_dir}/accuracy_vs_keep_ratio.png)
 ![generation]({fig_dir}/generation_agreement.png)
-"""
+""" + (f"![both protocols]({fig_dir}/protocols.png)\n" if r.get("protocol_claims") else "")
     r_min = min(ratios)
     testable = [int(c) for c, a in s["uncompressed_accuracy_by_context"].items() if a >= 0.8]
     at_min = "; ".join(f"{c} tokens: " + ", ".join(f"{pol} {get(c, pol, r_min)['accuracy']:.0%}" for pol in pols)
                        for c in testable)
-    headline = (f"- **Passkey retrieval (SmolLM2-135M, compression after prefill):** uncompressed {full}. "
-                f"The paper's \"keys survive 90 % compression\" {r['summary']['claim_90pct']['verdict']} here"
+    claims = r.get("protocol_claims") or []
+    protocols = ("" if not claims else " Under both protocols at " + f"{sizes['protocol_context']} tokens, knorm at keep_ratio "
+                 f"{claims[0]['keep_ratio']} ({claims[0]['n']} samples, Wilson 95 %): " + "; ".join(
+                     f"{c['protocol']} {c['skip']} {c['accuracy']:.0%} [{c['lo']:.0%}–{c['hi']:.0%}] vs {c['uncompressed']:.0%} "
+                     f"uncompressed, {c['verdict']}" for c in claims) + ".")
+    headline = (f"- **Passkey retrieval ({runtime.model_label(res)}, compression after prefill, question-agnostic):** "
+                f"uncompressed {full}. The paper's \"keys survive 90 % compression\" {r['summary']['claim_90pct']['verdict']} here"
                 + (f" — at keep_ratio {r_min}, {at_min}" if testable else "")
-                + f". One prefill for all configurations is {sp['ratio']:.1f}× faster than re-prefilling, same metrics.\n")
+                + "." + protocols
+                + f" One prefill for all configurations is {sp['ratio']:.1f}× faster than re-prefilling, same metrics.\n")
     return body, headline
 
 

@@ -195,7 +195,19 @@ def test_04_recorded_numbers(executed):
         for key in ("within_0.01", "within_0.05"):
             assert x[key] is None or x[key] in ratios and x[key] < 1.0
         assert x["within_0.01"] is None or (x["within_0.05"] is not None and x["within_0.05"] <= x["within_0.01"])
-    for fig in ("ppl_vs_keep_ratio", "kl_heatstrip", "accuracy_agreement"):
+    sched = r["schedule_rows"]   # bursts per prune_after and the recent window, at every schedule keep_ratio
+    n_sched = len(p["schedule_keep_ratios"]) * (len(p["sizes"]["prune_afters"]) + 1)
+    assert len(sched) == len(r["stream_documents"]) * n_sched
+    for x in sched:
+        assert 0 < x["mean_kept_fraction"] < 1 and x["ppl"] > 1
+        if x["prune_after"]:   # a burst keeps more than keep_ratio on average (nothing goes below P)
+            assert x["mean_kept_fraction"] > x["keep_ratio"]
+    fractions = p["sizes"]["matched_fractions"]
+    mm = r["matched_memory"]
+    assert len(mm) == len(fractions) * (3 + len(p["sizes"]["prune_afters"]) + 1)
+    assert all(x["n"] == 0 or (x["n"] == 2 and x["ppl_ratio"] > 0) for x in mm)
+    assert all(x["n"] == 2 for x in mm if x["variant"] == "knorm")
+    for fig in ("ppl_vs_keep_ratio", "kl_heatstrip", "accuracy_agreement", "schedules_matched_memory"):
         assert (ROOT / "build" / "figures" / "quick" / "04_quality_tradeoffs" / f"{fig}.png").exists()
 
 
@@ -292,7 +304,21 @@ def test_05_recorded_numbers(executed):
     gen = r["generation"]
     n_new = res["parameters"]["sizes"]["gen_new_tokens"]
     assert gen and all(1 <= g["matching_prefix"] <= n_new and 0 < g["token_agreement"] <= 1 for g in gen)
-    assert (ROOT / "build" / "figures" / "quick" / "05_passkey_retrieval" / "passkey_heatmaps.png").exists()
+    proto, n = r["protocol_rows"], r["protocol_n_samples"]
+    n_configs = 1 + len(res["parameters"]["sizes"]["protocol_skip_sets"]) * len(res["parameters"]["protocol_policies"]) \
+        * sum(k < 1 for k in res["parameters"]["protocol_keep_ratios"])
+    assert len(proto) == 2 * n * n_configs and {x["protocol"] for x in proto} == {"question-agnostic", "reference"}
+    at_1 = {}
+    for x in proto:   # uncompressed, both protocols read the same model on the same tokens
+        if x["keep_ratio"] == 1.0:
+            at_1.setdefault((x["seed"], x["depth"]), set()).add(x["correct"])
+    assert len(at_1) == n and all(len(v) == 1 for v in at_1.values())
+    assert {(c["protocol"], c["skip"]) for c in r["protocol_claims"]} == {
+        (p, f"skip ({', '.join(map(str, s))})") for p in ("question-agnostic", "reference")
+        for s in res["parameters"]["sizes"]["protocol_skip_sets"]}
+    assert all(c["verdict"] in ("holds", "fails", "not resolved") and c["n"] == n for c in r["protocol_claims"])
+    for fig in ("passkey_heatmaps", "protocols"):
+        assert (ROOT / "build" / "figures" / "quick" / "05_passkey_retrieval" / f"{fig}.png").exists()
 
 
 def test_every_notebook_runs_on_another_architecture(tmp_path):

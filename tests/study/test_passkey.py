@@ -120,3 +120,50 @@ def test_passkey_check_sizes():
     with pytest.raises(ValueError, match="keep_ratios"):
         passkey.check_sizes(good, [0.5])
 
+
+
+def test_reference_protocol_verdict_equals_greedy_generation(real_model):
+    """Under the reference protocol a sample counts as retrieved iff greedy decoding does it the way
+    the paper's code does: prefill everything before the key (question included), take the first
+    key token from those uncompressed logits, compress once, decode the rest
+    (``decode.generate_greedy`` on the prompt). The question-agnostic rows are the sweep's verdicts."""
+    model, tokenizer = real_model
+    sample = (400, 0, 0.5)
+    p = passkey.sample_prompt(model, tokenizer, *sample)
+    configs = passkey.protocol_configs(["knorm", "random"], [1.0, 0.5, 0.25], [[0, 1], [0, 1, 12]])
+    rows, _ = passkey.protocol_rows(model, tokenizer, [sample], configs)
+    assert len(rows) == 2 * len(configs) == 2 * 9
+    agnostic = kl.sweep(model, p.input_ids, p.context_len, configs)
+    for cfg, res in zip(configs, agnostic):
+        row = rows[(rows.protocol == "question-agnostic") & (rows.policy == cfg.policy)
+                   & (rows.keep_ratio == cfg.keep_ratio) & (rows.skip == passkey.skip_label(cfg.skip_layers))]
+        assert row.correct.item() == passkey.span_metrics(res, p.key_start)["correct"]
+    verdicts = set()
+    for cfg in configs:
+        generated = decode.generate_greedy(model, p.prompt_ids, len(p.key_ids), cfg.keep_ratio, cfg.policy,
+                                           cfg.skip_layers)
+        row = rows[(rows.protocol == "reference") & (rows.policy == cfg.policy)
+                   & (rows.keep_ratio == cfg.keep_ratio) & (rows.skip == passkey.skip_label(cfg.skip_layers))]
+        assert row.correct.item() == torch.equal(generated, p.key_ids), cfg
+        verdicts.add(row.correct.item())
+    assert verdicts == {True, False}   # both outcomes occur: the comparison can fail
+
+
+def test_protocol_claims_verdict_rule():
+    """fails: the Wilson interval lies below the uncompressed accuracy; holds: its lower end is
+    within the margin of it; otherwise not resolved."""
+    rows = []
+    for protocol, n_right in (("question-agnostic", 0), ("reference", 40), ("x", 30)):
+        for i in range(40):
+            rows.append({"protocol": protocol, "skip": "skip (0, 1)", "policy": "knorm", "keep_ratio": 1.0,
+                         "correct": True, "digit_acc": 1.0})
+            rows.append({"protocol": protocol, "skip": "skip (0, 1)", "policy": "knorm", "keep_ratio": 0.1,
+                         "correct": i < n_right, "digit_acc": 1.0})
+    acc = passkey.accuracy_table(pd.DataFrame(rows), by=("protocol", "skip", "policy", "keep_ratio"))
+    claims = {c["protocol"]: c for c in passkey.protocol_claims(acc, 0.1)}
+    assert claims["question-agnostic"]["verdict"] == "fails" and claims["question-agnostic"]["n"] == 40
+    assert claims["reference"]["verdict"] == "holds" and claims["reference"]["uncompressed"] == 1.0
+    assert claims["x"]["verdict"] == "fails"   # 75 %: Wilson 60-86 %, below 100 %
+    few = passkey.accuracy_table(pd.DataFrame([r for r in rows if r["protocol"] == "x"][:6]),
+                                 by=("protocol", "skip", "policy", "keep_ratio"))
+    assert passkey.protocol_claims(few, 0.1)[0]["verdict"] == "not resolved"   # 3 of 3: too few to call

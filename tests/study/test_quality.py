@@ -70,3 +70,37 @@ def test_paired_comparisons_pair_by_document():
     assert c["variant"] == "random" and c["n"] == 5 and c["resolved"]
     assert c["mean"] == pytest.approx(-math.log(2)) and c["lo"] == pytest.approx(c["hi"])
     assert quality.paired_comparisons(rows, "streaming", 0.5) == []  # no knorm there: nothing to pair
+
+
+def test_matched_memory_interpolates_within_each_line_and_pairs_by_document():
+    """Each line is interpolated linearly in the kept fraction between its own measured points,
+    per document (log PPL ratio to the document's full cache); outside its range it is not
+    measured; the difference to per-token knorm is paired by document (variant minus knorm)."""
+    import math
+
+    rows = []
+    for i, doc in enumerate(f"d{k}" for k in range(5)):
+        full = 10.0 + i
+        rows.append({"variant": "full cache", "document": doc, "ppl": full, "mean_kept_fraction": 1.0})
+        # knorm: log ratio 1.0 at fraction 0.2 and 0.0 at 0.6, so 0.5 at 0.4
+        rows += [{"variant": "knorm", "document": doc, "ppl": full * math.e, "mean_kept_fraction": 0.2},
+                 {"variant": "knorm", "document": doc, "ppl": full, "mean_kept_fraction": 0.6}]
+        # a burst measured only between 0.35 and 0.45, a quarter of knorm's log ratio at 0.4
+        rows += [{"variant": "burst", "document": doc, "ppl": full * math.exp(0.25), "mean_kept_fraction": f}
+                 for f in (0.35, 0.45)]
+    out = {(x["variant"], x["kept_fraction"]): x for x in quality.matched_memory(rows, ["knorm", "burst"], [0.4, 0.5])}
+    assert out[("knorm", 0.4)]["ppl_ratio"] == pytest.approx(math.exp(0.5))
+    assert out[("knorm", 0.5)]["ppl_ratio"] == pytest.approx(math.exp(0.25))
+    assert out[("burst", 0.5)]["n"] == 0 and math.isnan(out[("burst", 0.5)]["ppl_ratio"])
+    burst = out[("burst", 0.4)]
+    assert burst["n"] == 5 and burst["vs_knorm_mean"] == pytest.approx(-0.25) and burst["vs_knorm_resolved"]
+    assert "burst | 0.5 | 0 | outside the measured range" in quality.matched_memory_markdown(list(out.values()))
+
+
+def test_schedule_variants():
+    """Bursts per prune_after and the recent window, each at every keep_ratio; no window when 0."""
+    v = quality.schedule_variants([0.5, 0.1], [256, 512], 64, [0, 1])
+    assert [label for label, _ in v] == ["knorm burst P=256"] * 2 + ["knorm burst P=512"] * 2 + ["knorm + recent 64"] * 2
+    assert v[0][1] == dict(policy="knorm", keep_ratio=0.5, prune_after=256, skip_layers=(0, 1))
+    assert v[-1][1]["recent_window"] == 64 and "prune_after" not in v[-1][1]
+    assert len(quality.schedule_variants([0.5], [256], 0, [])) == 1
