@@ -17,6 +17,14 @@ import torch
 import knorm_lib as kl
 
 
+@kl.register_policy("sink_random")
+def sink_random_score(kv: kl.LayerKV, opts: kl.PolicyOptions) -> torch.Tensor:
+    """A control for the attention sink: the first ``n_sink`` tokens kept, the rest at random
+    (seeded, as ``random``). Against knorm it separates the norm signal from keeping the sink."""
+    scores = kl.random_score(kv, opts)
+    return torch.where(kv.positions < opts.n_sink, torch.full_like(scores, 2.0), scores)
+
+
 def check_sizes(sizes: dict[str, Any]) -> None:
     """The notebook's sizes against each other, before any heavy work: ``context_len`` leaves at
     least two of the ``n_tokens`` to score."""
@@ -85,11 +93,24 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
     return rows
 
 
+def _partial_spearman(x: Any, y: Any) -> float:
+    """Spearman ρ of ``x`` and ``y`` with their (rank) dependence on position removed:
+    ``(r_xy - r_xp r_yp) / sqrt((1 - r_xp²)(1 - r_yp²))``, ``p`` the positions in order."""
+    import numpy as np
+    from scipy import stats
+
+    r = stats.spearmanr(np.stack([x, y, np.arange(len(x))]), axis=1).statistic
+    r_xy, r_xp, r_yp = r[0, 1], r[0, 2], r[1, 2]
+    return float((r_xy - r_xp * r_yp) / math.sqrt((1 - r_xp ** 2) * (1 - r_yp ** 2)))
+
+
 def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> Any:
     """Per ``(corpus, document)``, layer and KV head: Spearman ρ between key norm and (causally
     normalised) attention received, first token excluded (``spearman``) and included
-    (``spearman_with_sink``), the first token's attention, and the fraction of keys with a lower
-    norm than it. The last 10 % of positions are dropped: few queries see them to average over."""
+    (``spearman_with_sink``); the same with position partialled out (``spearman_position_controlled``:
+    both norm and attention can drift with position, which alone would correlate them); the first
+    token's attention, and the fraction of keys with a lower norm than it. The last 10 % of
+    positions are dropped: few queries see them to average over."""
     import pandas as pd
     from scipy import stats
 
@@ -103,6 +124,7 @@ def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> A
                 k, a = norms[layer, head, :stop], received[layer, head, :stop]
                 rows.append({"corpus": corpus, "document": doc.title, "layer": layer, "kv_head": head,
                              "spearman": stats.spearmanr(k[1:].numpy(), a[1:].numpy()).statistic,
+                             "spearman_position_controlled": _partial_spearman(k[1:].numpy(), a[1:].numpy()),
                              "spearman_with_sink": stats.spearmanr(k, a).statistic,
                              "sink_attention": float(a[0]),
                              "sink_norm_rank": float((k < k[0]).float().mean())})
@@ -125,9 +147,32 @@ def attention_lost(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], cont
     return lost, intervals.aggregate(per_doc.to_dict("records"), ["policy", "keep_ratio"], ["fraction_lost"])
 
 
-def summarize(corr: Any, lost_curve: Any) -> dict[str, Any]:
+def loss_areas(lost: Any) -> Any:
+    """ALR-style attention loss (the paper's ``compare_norm_and_attention`` compares the attention
+    dropped in norm order with the attention dropped in attention order): per document and policy,
+    the area between the policy's and the oracle's curve of attention lost (layers ≥ 2, mean over
+    heads) against the evicted fraction 1 - keep_ratio, trapezoids over the measured keep_ratios.
+    0 means the policy evicts as well as the oracle could; rows as a DataFrame."""
+    import numpy as np
+    import pandas as pd
+
+    per_doc = lost[lost.layer >= 2].groupby(["document", "policy", "keep_ratio"]).fraction_lost.mean()
+    rows = []
+    for doc, by_policy in per_doc.groupby(level="document"):
+        oracle = by_policy.xs((doc, "oracle")).sort_index()
+        evicted = 1 - oracle.index.to_numpy()
+        for policy in sorted(set(by_policy.index.get_level_values("policy")) - {"oracle"}):
+            gap = by_policy.xs((doc, policy)).sort_index().to_numpy() - oracle.to_numpy()
+            order = np.argsort(evicted)
+            area = float(np.sum(np.diff(evicted[order]) * (gap[order][1:] + gap[order][:-1]) / 2))
+            rows.append({"document": doc, "policy": policy, "area_above_oracle": area})
+    return pd.DataFrame(rows)
+
+
+def summarize(corr: Any, lost_curve: Any, areas: Any) -> dict[str, Any]:
     """The recorded summary: mean ρ per layer, in layers 0-1 and ≥ 2, the share of negative cells
-    in layers ≥ 2, the sink's attention, and the attention lost per ``policy@keep_ratio``."""
+    in layers ≥ 2 (and with position partialled out), the sink's attention, the attention lost per
+    ``policy@keep_ratio`` and each policy's mean loss area above the oracle (``loss_areas``)."""
     per_layer = corr.groupby("layer").spearman.mean()
     curve = lost_curve.set_index(["policy", "keep_ratio"]).fraction_lost
     return {
@@ -135,6 +180,8 @@ def summarize(corr: Any, lost_curve: Any) -> dict[str, Any]:
         "spearman_mean_layers_0_1": float(per_layer.loc[:1].mean()),
         "spearman_mean_layers_2plus": float(per_layer.loc[2:].mean()),
         "fraction_heads_negative_layers_2plus": float((corr[corr.layer >= 2].spearman < 0).mean()),
+        "spearman_position_controlled_mean_layers_2plus": float(corr[corr.layer >= 2].spearman_position_controlled.mean()),
+        "loss_area_above_oracle": areas.groupby("policy").area_above_oracle.mean().to_dict(),
         "sink_attention_mean": float(corr.sink_attention.mean()),
         "fraction_lost": {f"{p}@{r}": float(v) for (p, r), v in curve.items()},
     }
@@ -161,10 +208,16 @@ def findings(record: dict[str, Any]) -> str:
   ({s['fraction_heads_negative_layers_2plus']:.0%} of (document, layer, head) cells negative) against {s['spearman_mean_layers_0_1']:.2f} in layers 0–1.
   The paper's finding — negative except in the first layers — {'holds' if holds else 'does not hold'} on this model,
   {'which supports' if holds else 'which does not support'} the default `skip_layers=(0, 1)`.
+- **With position partialled out** (norm and attention both drift with position), mean ρ in layers ≥ 2 is
+  {s['spearman_position_controlled_mean_layers_2plus']:.2f}.
 - **The attention sink** (first token) receives on average {s['sink_attention_mean']:.3f} of each query's attention.
 - **Attention lost at keep_ratio {mid}** (layers ≥ 2): knorm {lost('knorm'):.3f},
   random {lost('random'):.3f}, high_norm {lost('high_norm'):.3f},
   oracle {lost('oracle'):.3f} (the least any policy evicting as many keys can lose).
+- **Attention-loss area above the oracle** (ALR-style, over evicted fractions 0 to {1 - min(record['parameters']['keep_ratios']):g};
+  0 = as good as the oracle): {", ".join(f"{p} {a:.3f}" for p, a in s['loss_area_above_oracle'].items())}.
+  `sink_random` keeps the first tokens and evicts the rest at random, `streaming` keeps the first tokens
+  and the most recent: the gap between them and knorm is what the key norm adds beyond keeping the sink.
 """
 
 

@@ -218,12 +218,23 @@ def lowest_ratio_matching_full(acc: Any, ctx: int, policy: str) -> float:
     return lowest
 
 
+CLAIM_MARGIN = 0.1   # "survives": within 10 points of the uncompressed accuracy
+
+
+def claim_verdict(lo: float, hi: float, uncompressed: float, margin: float = CLAIM_MARGIN) -> str:
+    """The passkey claim's rule for one cell, from its Wilson interval ``lo``–``hi``: "fails" when
+    the interval lies below the uncompressed accuracy, "holds" when its lower end is within
+    ``margin`` of it, otherwise "not resolved" at this n."""
+    return "fails" if hi < uncompressed else "holds" if lo >= uncompressed - margin else "not resolved"
+
+
 def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence[str],
                   keep_ratios: Sequence[float]) -> dict[str, Any]:
     """How far uncompressed retrieval holds (>= 80 %), and the paper's claim that keys survive
     90 % compression: per context, knorm at the smallest keep_ratio against the uncompressed
-    accuracy, its lowest keep_ratio matching it, and the best policy there. The verdict is
-    "untestable" when no context is retrieved reliably uncompressed or keep_ratio 0.1 was not run."""
+    accuracy (``claim_verdict``), its lowest keep_ratio matching it, and the best policy there. The
+    verdict is "untestable" when no context is retrieved reliably uncompressed or keep_ratio 0.1
+    was not run."""
     r_min = min(keep_ratios)
     full_by_ctx = {int(c): float(_acc_row(acc, c, policies[0], 1.0).accuracy) for c in contexts}
     holds = [c for c, a in full_by_ctx.items() if a >= 0.8]
@@ -238,14 +249,19 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
                            "accuracy_at_min": {p: float(_acc_row(acc, ctx, p, r_min).accuracy) for p in policies}}
     testable = [c for c in contexts if full_by_ctx[c] >= 0.8]
     if "knorm" in policies and testable and r_min <= 0.1 + 1e-9:
-        survives = [c for c in testable if claim[c][f"knorm_at_{r_min}"] >= full_by_ctx[c] - 1e-9]
-        verdict = "holds" if len(survives) == len(testable) else "does not hold" if not survives else "holds only partly"
-        lo, hi = (lambda s: (s.lo, s.hi))(_acc_row(acc, testable[0], "knorm", r_min))
-        text = (f"The paper's claim (keys survive 90 % compression) **{verdict}** on this model: at keep_ratio {r_min}, "
-                "knorm retrieves " + ", ".join(f"{claim[c][f'knorm_at_{r_min}']:.0%} at {c} tokens (uncompressed "
-                                               f"{full_by_ctx[c]:.0%})" for c in testable)
-                + f" (Wilson 95 % interval at {testable[0]}: {lo:.0%}–{hi:.0%}). The lowest keep_ratio down to which knorm "
-                "keeps the uncompressed accuracy: " + ", ".join(
+        rows = {c: _acc_row(acc, c, "knorm", r_min) for c in testable}
+        per_ctx = {c: claim_verdict(k.lo, k.hi, full_by_ctx[c]) for c, k in rows.items()}
+        for c, v in per_ctx.items():
+            claim[c]["verdict"] = v
+        kinds = set(per_ctx.values())
+        verdict = ("does not hold" if kinds == {"fails"} else "holds" if kinds == {"holds"} else
+                   "holds only partly" if kinds == {"holds", "fails"} else "not resolved")
+        text = (f"The paper's claim (keys survive 90 % compression) **{verdict}** on this model (question-agnostic; "
+                f"per context: fails when knorm's Wilson 95 % interval lies below the uncompressed accuracy, holds when "
+                f"its lower end is within {100 * CLAIM_MARGIN:.0f} points of it): at keep_ratio {r_min}, knorm retrieves "
+                + ", ".join(f"{rows[c].accuracy:.0%} [{rows[c].lo:.0%}–{rows[c].hi:.0%}, n = {int(rows[c].n)}] at {c} "
+                            f"tokens (uncompressed {full_by_ctx[c]:.0%}: {per_ctx[c]})" for c in testable)
+                + ". The lowest keep_ratio down to which knorm keeps the uncompressed accuracy: " + ", ".join(
                     f"{claim[c]['knorm_lowest_ratio_matching_full']} at {c} tokens" for c in testable) + ".")
     else:
         verdict, text = "untestable", ("The paper's 90 % claim cannot be tested here: no context is retrieved "
@@ -346,12 +362,10 @@ def protocol_rows(model: Any, tokenizer: Any, sample_list: Sequence[tuple[int, i
     return pd.DataFrame(rows), time.perf_counter() - t0
 
 
-def protocol_claims(acc: Any, claim_keep_ratio: float = 0.1, margin: float = 0.1) -> list[dict[str, Any]]:
+def protocol_claims(acc: Any, claim_keep_ratio: float = 0.1, margin: float = CLAIM_MARGIN) -> list[dict[str, Any]]:
     """The paper's passkey claim (knorm keeps retrieval at 90 % compression) per protocol and skip
     set, from ``accuracy_table(rows, by=("protocol", "skip", "policy", "keep_ratio"))``: knorm at
-    ``claim_keep_ratio`` against the same protocol's uncompressed accuracy. Verdict: "fails" when
-    the Wilson interval lies wholly below the uncompressed accuracy, "holds" when its lower end is
-    within ``margin`` of it, otherwise "not resolved" at this n."""
+    ``claim_keep_ratio`` against the same protocol's uncompressed accuracy, by ``claim_verdict``."""
     out = []
     for (protocol, skip), sub in acc[acc.policy == "knorm"].groupby(["protocol", "skip"], sort=False):
         at = sub[sub.keep_ratio == claim_keep_ratio]
@@ -359,7 +373,7 @@ def protocol_claims(acc: Any, claim_keep_ratio: float = 0.1, margin: float = 0.1
             continue
         full = float(acc[(acc.protocol == protocol) & (acc.keep_ratio == 1.0)].accuracy.iloc[0])
         k = at.iloc[0]
-        verdict = "fails" if k.hi < full else "holds" if k.lo >= full - margin else "not resolved"
+        verdict = claim_verdict(k.lo, k.hi, full, margin)
         out.append({"protocol": protocol, "skip": skip, "keep_ratio": claim_keep_ratio, "uncompressed": full,
                     "accuracy": float(k.accuracy), "lo": float(k.lo), "hi": float(k.hi), "n": int(k.n),
                     "margin": margin, "verdict": verdict})

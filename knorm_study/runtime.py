@@ -66,6 +66,7 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
                                            n, v, "None (the profile's) or an int >= 0"),
     "matched_fractions": lambda n, v: v is None or kl._check_list(
         n, v, lambda f: kl._require(isinstance(f, (int, float)) and 0 < f < 1, n, v, "fractions in (0, 1)")),
+    "prune_after": lambda n, v: v is None or kl._positive_int(n, v),
     "protocol_policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
     "protocol_keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
     "protocol_context": lambda n, v: v is None or kl._positive_int(n, v),

@@ -7,7 +7,8 @@ relative difference ``|a - b| / max(|a|, |b|)`` and sorted into a family by its 
 
 * ``ppl`` (perplexity, NLL, their ratios), ``kl``, ``accuracy`` (accuracy, agreement, correct,
   retrieval): what "behaviour unchanged" means; ``--check`` fails when one differs by more than
-  ``--tolerance`` (default 1e-4), or when a field is missing on one side.
+  ``--tolerance`` (default 1e-4), or when a committed field is missing from the run (fields only
+  in the run are new numbers: counted, never a reproduction failure).
 * ``timing`` (seconds, rates, memory, speedups; all of 06 but its exact byte counts): expected to
   move from run to run, shown for information.
 * ``other``: the rest (configurations, counts, correlations, norms).
@@ -80,8 +81,11 @@ def compare(run: dict, ref: dict, notebook: str) -> dict[str, dict[str, Any]]:
     fams: dict[str, dict[str, Any]] = {}
     for path in sorted(a.keys() | b.keys()):
         fam = family(notebook, path)
-        f = fams.setdefault(fam, {"n": 0, "n_differ": 0, "missing": 0, "max_rel": 0.0, "where": ""})
-        if path not in a or path not in b:
+        f = fams.setdefault(fam, {"n": 0, "n_differ": 0, "missing": 0, "added": 0, "max_rel": 0.0, "where": ""})
+        if path not in b:    # a number the committed run did not have: new, nothing to reproduce
+            f["added"] += 1
+            continue
+        if path not in a:    # a committed number the run did not reproduce
             f["missing"] += 1
             continue
         f["n"] += 1
@@ -129,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             worst[fam] = max(worst.get(fam, 0.0), f["max_rel"] if f["missing"] == 0 else float("inf"))
             flag = ""
             if fam in CHECKED and (f["max_rel"] > args.tolerance or f["missing"]):
-                flag = "  <-- beyond tolerance" if not f["missing"] else "  <-- fields missing on one side"
+                flag = "  <-- beyond tolerance" if not f["missing"] else "  <-- committed fields missing from the run"
                 bad.append(f"{notebook}/{fam}")
             print(f"  {notebook:26s} {fam:9s} {f['n']:6d} fields, {f['n_differ']:5d} differ, "
-                  f"{f['missing']} missing, max {f['max_rel']:.2e}{flag}"
+                  f"{f['missing']} missing, {f['added']} new, max {f['max_rel']:.2e}{flag}"
                   + (f"\n      at {f['where'][:160]}" if f["max_rel"] > 0 else ""))
     print("summary, largest relative difference by family: "
           + ", ".join(f"{fam} {v:.2e}" for fam, v in sorted(worst.items())))

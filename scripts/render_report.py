@@ -375,7 +375,27 @@ def section_benchmarks() -> str:
     return ("## Benchmarks (benchmarks/, last recorded run)\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
-SECTIONS = {"00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
+def section_07(res: dict) -> tuple[str, str]:
+    from knorm_study import claims
+
+    r, sizes = res["results"], res["parameters"]["sizes"]
+    n_pre = len({x["document"] for x in r["prefill_rows"]})
+    n_str = len({x["document"] for x in r["streaming_rows"]})
+    body = f"""## 07 · The claims ledger
+
+Each claim measured under the protocol it names; verdicts are computed from the numbers (holds / fails / not
+resolved at this n; perplexity claims by a bootstrap over documents, passkey claims by Wilson intervals). The
+language-modelling rows are measured by notebook 07 itself: prefill protocol on {n_pre} documents
+({sizes['context_len']} + {sizes['continuation_len']} tokens), streaming protocol on {n_str} documents
+({sizes['stream_tokens']} tokens) — shorter contexts than notebook 04, for more documents. The others are read
+from notebooks 02, 03, 05 and 06.
+
+{claims.ledger_markdown(r['ledger'])}
+"""
+    return body, claims.headline(res)
+
+
+SECTIONS = {"07_paper_claims": section_07, "00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
             "03_position_order_ppl": section_03, "04_quality_tradeoffs": section_04,
             "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
 

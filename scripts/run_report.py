@@ -46,14 +46,20 @@ def study_modules(source: str) -> set[str]:
     return found
 
 
-def notebook_inputs(notebook: Path) -> list[Path]:
+def notebook_inputs(notebook: Path, profile: str) -> list[Path]:
     """What a notebook's results depend on: itself, the core and the runner, the study modules it
-    imports (so a change to the speed probes reruns 06 only), the data manifest and the pins."""
+    imports (so a change to the speed probes reruns 06 only), the data manifest and the pins; for
+    the claims ledger also the recorded results it reads (so it reruns after any of them)."""
     import nbformat
 
     code = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
     modules = sorted(study_modules(code) - {"runtime"})
-    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *(ROOT / "knorm_study" / f"{m}.py" for m in modules)]
+    read = []
+    if "claims" in modules:
+        from knorm_study import claims
+
+        read = [RESULTS / nb / f"{profile}.json" for nb in claims.SOURCES.values()]
+    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *(ROOT / "knorm_study" / f"{m}.py" for m in modules), *read]
 
 
 def input_hash(notebook: Path, profile: str) -> str:
@@ -62,7 +68,7 @@ def input_hash(notebook: Path, profile: str) -> str:
     import knorm_lib as kl
 
     h = hashlib.sha256(profile.encode())
-    for path in notebook_inputs(notebook):
+    for path in notebook_inputs(notebook, profile):
         h.update(str(path.relative_to(ROOT)).encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     for name in kl.CORPORA:

@@ -84,6 +84,16 @@ def test_run_stamps_cover_the_corpora(corpus_copy, monkeypatch):
     assert len(before) == 64
 
 
+def test_the_ledger_reruns_when_a_result_it_reads_changes():
+    """07's stamp covers the recorded results it reads (02, 03, 05, 06 of the same profile) and the
+    study modules it imports; another notebook's stamp does not depend on them."""
+    ledger = run_report.notebook_inputs(ROOT / "notebooks" / "07_paper_claims.ipynb", "quick")
+    assert run_report.RESULTS / "05_passkey_retrieval" / "quick.json" in ledger
+    assert ROOT / "knorm_study" / "claims.py" in ledger
+    quality = run_report.notebook_inputs(ROOT / "notebooks" / "04_quality_tradeoffs.ipynb", "quick")
+    assert not any(p.is_relative_to(run_report.RESULTS) for p in quality)
+
+
 def test_compare_results_families_and_check(tmp_path, capsys):
     import compare_results
 
@@ -101,6 +111,12 @@ def test_compare_results_families_and_check(tmp_path, capsys):
         (tmp_path / name / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(obj))
     args = ["--run", str(tmp_path / "run"), "--reference", str(tmp_path / "ref"), "--check"]
     assert compare_results.main(args) == 0
+    run["results"]["rows"].append({"policy": "random", "ppl": 30.0})   # new numbers: not a reproduction failure
+    (tmp_path / "run" / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(run))
+    assert compare_results.main(args) == 0
+    assert compare_results.compare(run, ref, "04_quality_tradeoffs")["ppl"]["added"] == 1
+    del ref["results"]["rows"][0]["kl"]                 # ... but a committed number the run lacks is
+    assert compare_results.compare(ref, run, "04_quality_tradeoffs")["kl"]["missing"] == 1
     run["results"]["rows"][0]["ppl"] = 17.01            # 5.9e-4 relative: beyond 1e-4
     (tmp_path / "run" / "04_quality_tradeoffs" / "full.json").write_text(json.dumps(run))
     assert compare_results.main(args) == 1

@@ -102,7 +102,12 @@ def test_accuracy_table_and_claim_summary():
     assert k.accuracy == pytest.approx(1 / 3) and 0 < k.lo < k.accuracy < k.hi < 1
     assert passkey.samples_per_context(df) == {256: 3}
     claim = passkey.claim_summary(df, acc, [256], ["knorm", "random"], [1.0, 0.5, 0.1])
-    assert claim["claim_90pct"]["verdict"] == "does not hold"
+    assert claim["claim_90pct"]["verdict"] == "does not hold"   # 1 of 3: Wilson 6-79 %, below 100 %
+    assert claim["claim_90pct"]["by_context"][256]["verdict"] == "fails"
+    all_right = pd.DataFrame([{**x, "correct": True} for x in rows])
+    acc_right = passkey.accuracy_table(all_right)   # 3 of 3 at keep 0.1: Wilson 44-100 %, too wide to call
+    assert passkey.claim_summary(all_right, acc_right, [256], ["knorm"], [1.0, 0.1])["claim_90pct"]["verdict"] \
+        == "not resolved"
     assert claim["claim_90pct"]["by_context"][256]["knorm_lowest_ratio_matching_full"] == 0.5
     assert claim["claim_90pct"]["by_context"][256]["best_policy_at_min"] == "knorm"
     assert claim["policy_independent_at_keep_1"] and claim["longest_context_retrieved_uncompressed"] == 256

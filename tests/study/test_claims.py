@@ -1,0 +1,105 @@
+"""The claims ledger: verdict rules, the rows it reads from other notebooks, missing results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from knorm_study import claims, intervals
+
+
+def _boot(diffs):
+    return intervals.paired_bootstrap(diffs)
+
+
+def test_within_tolerance_needs_the_whole_interval():
+    """holds: the interval of the mean log PPL increase lies within log(1.05); fails: wholly beyond;
+    too few documents or an interval across the line: not resolved."""
+    assert claims.within_tolerance(_boot([0.01, 0.02, 0.015, 0.01, 0.02])) == "holds"
+    assert claims.within_tolerance(_boot([0.3, 0.4, 0.35, 0.5, 0.45])) == "fails"
+    assert claims.within_tolerance(_boot([0.0, 0.1, 0.02, 0.09, 0.05])) == "not resolved"
+    assert claims.within_tolerance(_boot([0.3, 0.4])) == "not resolved"   # n = 2: nothing resolves
+
+
+def test_positive_is_a_signed_paired_verdict():
+    assert claims.positive(_boot([1.0, 2.0, 1.5, 1.2, 0.8])) == "holds"
+    assert claims.positive(_boot([-1.0, -2.0, -1.5, -1.2, -0.8])) == "fails"
+    assert claims.positive(_boot([-1.0, 2.0, -1.5, 1.2, 0.8])) == "not resolved"
+
+
+def _own(n_docs: int, burst_ppl: float):
+    prefill, streaming = [], []
+    for i in range(n_docs):
+        doc = f"d{i}"
+        for variant, ppl in (("full cache", 10.0), ("knorm", 10.2), ("random", 12.0), ("high_norm", 30.0)):
+            prefill.append({"document": doc, "variant": variant, "ppl": ppl + 0.01 * i})
+        for variant, ppl, kept in (("full cache", 10.0, 1.0), ("knorm per token", 20.0, 0.5),
+                                   ("knorm burst P=256", burst_ppl, 0.4)):
+            streaming.append({"document": doc, "variant": variant, "ppl": ppl * (1 + 0.01 * i),
+                              "mean_kept_fraction": kept})
+    return {"prefill": prefill, "streaming": streaming, "keep_ratio": 0.5, "prune_after": 256, "skip_layers": [0, 1],
+            "sizes": {"context_len": 1024, "continuation_len": 256, "stream_tokens": 1024}}
+
+
+def test_ledger_from_constructed_rows_and_missing_records():
+    """The perplexity claims follow the paired numbers; a notebook with no results gives a
+    "not measured" row naming it, never a verdict."""
+    rows = claims.ledger(_own(6, burst_ppl=10.2), {k: None for k in claims.SOURCES})
+    row = lambda start: next(r for r in rows if r["claim"].startswith(start))
+    lm = [r for r in rows if r["claim"].startswith("Evicting 50%")]
+    assert [r["verdict"] for r in lm] == ["holds", "holds", "fails"]   # burst +2 %, prefill +2 %, per token +100 %
+    assert all(r["n"] == 6 for r in lm)
+    assert row("Keeping the high-norm keys")["verdict"] == "holds"
+    per_token = row("Cutting the cache back")
+    assert per_token["verdict"] == "holds" and "+9" in per_token["measured"]   # ~ +96 % over the burst
+    missing = [r for r in rows if r["verdict"] == "not measured"]
+    assert {m["measured"].split()[1] for m in missing} == {"02_attention_correlation", "05_passkey_retrieval",
+                                                         "03_position_order_ppl", "06_speed_tradeoffs"}
+    few = claims.ledger(_own(2, burst_ppl=10.2), {k: None for k in claims.SOURCES})
+    assert all(r["verdict"] in ("not resolved", "not measured") for r in few)
+    assert "| **holds** |" in claims.ledger_markdown(rows)
+
+
+def test_headline_counts_the_verdicts():
+    rows = claims.ledger(_own(6, burst_ppl=10.2), {k: None for k in claims.SOURCES})
+    line = claims.headline({"results": {"ledger": rows}, "identity": {}})
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
+    assert f"{counts['holds']} hold, {counts['fails']} fail" in line and f"{counts['not measured']} not measured" in line
+    assert math.isfinite(counts["holds"]) and line.startswith("- **Claims ledger")
+
+
+def test_passkey_rows_carry_the_recorded_verdicts():
+    rec = {"parameters": {"sizes": {"protocol_context": 1024}}, "results": {"protocol_claims": [
+        {"protocol": "reference", "skip": "skip (0, 1)", "keep_ratio": 0.1, "accuracy": 0.9, "lo": 0.77, "hi": 0.96,
+         "uncompressed": 1.0, "n": 40, "verdict": "holds"},
+        {"protocol": "question-agnostic", "skip": "skip (0, 1)", "keep_ratio": 0.1, "accuracy": 0.2, "lo": 0.1,
+         "hi": 0.35, "uncompressed": 1.0, "n": 40, "verdict": "fails"}]}}
+    rows = claims.passkey_claims(rec)
+    assert [r["verdict"] for r in rows] == ["holds", "fails"] and all(r["n"] == 40 for r in rows)
+    assert "reference, skip (0, 1), keep_ratio 0.1, 1024 tokens" == rows[0]["protocol"]
+
+
+@pytest.mark.parametrize("warm_change, verdict", [(0.01, "fails"), (-0.9, "not resolved")])
+def test_ttft_claim(warm_change, verdict):
+    rec06 = {"results": {"trap": [{}, {}, {}], "summary": {"trap_warm_change_median": warm_change,
+                                                          "trap_fake_change_with_load_median": -0.8}}}
+    (row,) = [r for r in claims.writeup_claims(None, rec06) if "time to first token" in r["claim"]]
+    assert row["verdict"] == verdict and row["n"] == 3
+
+
+def test_attention_rows_pair_documents():
+    """Per-document mean ρ over layers ≥ 2 (raw and position-controlled), bootstrapped; the loss
+    area of knorm against sink + random paired by document."""
+    spearman, areas = [], []
+    for i in range(6):
+        doc = f"d{i}"
+        for layer in range(4):   # layers 0-1 do not count
+            spearman.append({"document": doc, "layer": layer, "spearman": -0.3 if layer >= 2 else 0.9,
+                             "spearman_position_controlled": 0.2 + 0.01 * i if layer >= 2 else -0.9})
+        areas += [{"document": doc, "policy": "knorm", "area_above_oracle": 0.05},
+                  {"document": doc, "policy": "sink_random", "area_above_oracle": 0.2 + 0.01 * i}]
+    rows = claims.attention_claims({"results": {"spearman": spearman, "loss_areas": areas}})
+    assert [r["verdict"] for r in rows] == ["holds", "fails", "holds"] and all(r["n"] == 6 for r in rows)
+    assert "-0.300" in rows[0]["measured"]
+    assert claims.negative(_boot([-0.3, -0.2, -0.25, -0.3, -0.2])) == "holds"
