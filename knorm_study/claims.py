@@ -20,6 +20,7 @@ from knorm_study import intervals, runtime
 
 VERDICTS = ("holds", "fails", "not resolved", "not measured")
 PPL_TOLERANCE = 0.05   # "barely moves perplexity": the mean increase stays within 5 %
+MEMORY_MATCH = 0.02    # two schedules keep "no more memory" when their kept fractions differ by less
 SOURCES = {"02": "02_attention_correlation", "03": "03_position_order_ppl", "05": "05_passkey_retrieval",
            "06": "06_speed_tradeoffs"}
 
@@ -137,7 +138,8 @@ def lm_claims(own: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for protocol, rows_, variant, kept in (
             (f"reference LM (bursts: prune_after {own['prune_after']}, keep_ratio {r}, skip {tuple(own['skip_layers'])}), "
-             f"{sizes['stream_tokens']} tokens", s, burst, frac(burst)),
+             f"{sizes['stream_tokens']} tokens (the reference code's default: prune_after 1000 on 2,000–3,000 tokens)",
+             s, burst, frac(burst)),
             (f"prefill, kvpress's (keep_ratio {r}, skip {tuple(own['skip_layers'])}), {sizes['context_len']} + "
              f"{sizes['continuation_len']} tokens", p, "knorm", r),
             (f"streaming, cut back every token (keep_ratio {r}), {sizes['stream_tokens']} tokens", s,
@@ -149,11 +151,12 @@ def lm_claims(own: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(_row("Keeping the high-norm keys is worse than random", "paper (ablation)",
                      f"prefill, keep_ratio {r}", f"PPL high_norm vs random {_pct(b)}", b["n"], positive(b)))
     b = _paired(s, "knorm per token", burst)
-    worse_with_more = frac("knorm per token") >= frac(burst)
+    worse_with_more = frac("knorm per token") >= frac(burst) - MEMORY_MATCH
     rows.append(_row("Cutting the cache back after every token hurts KnormPress more than the reference code's "
-                     "bursts, at no more memory", "this study (04's streaming protocol)",
-                     f"streaming, keep_ratio {r}: per token (kept {frac('knorm per token'):.2f}) vs bursts "
-                     f"P={own['prune_after']} (kept {frac(burst):.2f})",
+                     f"bursts, at no more memory (kept fractions within {MEMORY_MATCH})",
+                     "this study (04's streaming protocol)",
+                     f"streaming, keep_ratio {r}: per token (kept {frac('knorm per token'):.3f}) vs bursts "
+                     f"P={own['prune_after']} (kept {frac(burst):.3f})",
                      f"PPL per token vs burst {_pct(b)}", b["n"], positive(b) if worse_with_more else "not resolved"))
     return rows
 
