@@ -121,6 +121,20 @@ def _check_skip_layers(skip_layers: Iterable[int], n_layers: int) -> frozenset[i
     return skip
 
 
+def _check_device(device: Any) -> str:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (accelerate's device_map); MPS is refused because the tie
+    rule and the metrics compute in float64, which MPS does not have."""
+    kind = device.split(":")[0] if isinstance(device, str) else None
+    if kind == "mps":
+        raise ValueError("device='mps': not supported (knorm_lib breaks ties and computes metrics in float64, "
+                         "which MPS lacks); use 'cpu'")
+    _require(kind in ("cpu", "cuda", "auto") and (kind != "auto" or device == "auto"), "device", device,
+             "'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is available here")
+    return device
+
+
 def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError("input_ids: expected an integer tensor of token ids")
@@ -308,6 +322,7 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    _check_device(device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     _register_attention()

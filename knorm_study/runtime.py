@@ -33,7 +33,7 @@ def machine_info() -> dict[str, Any]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
     return info
 
 
@@ -47,8 +47,7 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "profile": lambda n, v: kl._check_choice(n, v, PROFILES),
     "model_name": lambda n, v: kl._require(v is None or isinstance(v, str), n, v,
                                         "None (embedded model) or a Hugging Face id / local path"),
-    "device": lambda n, v: kl._require(isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "auto"), n, v,
-                                    "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
+    "device": lambda n, v: kl._check_device(v),
     "keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
     "policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
     "streaming_policies": lambda n, v: kl._check_list(n, v, lambda p: kl._check_choice(n, p, tuple(kl.POLICIES))),

@@ -21,8 +21,9 @@ from knorm_study import decode
 def _sync(device: Any) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously); nothing on a CPU.
     Every timing in this module brackets its clock with it."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
+    if str(device).startswith("cuda"):   # every card: a model spread by device_map="auto" runs on several
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Any = "cpu") -> dict[str, Any]:
@@ -239,19 +240,30 @@ def matmul_rate(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: tor
     return {"n": n, "dtype": str(dtype), "flop_per_s": 2 * n**3 / t["median_s"], "times_s": t["times_s"]}
 
 
-def op_profile(fn: Callable[[], Any], top: int = 10) -> list[dict[str, Any]]:
-    """Run ``fn`` under ``torch.profiler``; the ``top`` operators by self CPU time, with their
-    share of the profiled wall time and call counts (where a decode step's time goes)."""
+def op_profile(fn: Callable[[], Any], top: int = 10, device: Any = "cpu") -> list[dict[str, Any]]:
+    """Run ``fn`` under ``torch.profiler``; the ``top`` operators by self time, with their share of
+    the profiled wall time and call counts (where a decode step's time goes). On CUDA the time is
+    the kernels' time on the card (``self_device_s``): there the CPU time of an operator is its
+    launch, not its work."""
     from torch.profiler import ProfilerActivity, profile
 
     kl._positive_int("top", top)
+    on_cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    _sync(device)
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         fn()
+        _sync(device)
     wall = time.perf_counter() - t0
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+
+    def self_s(e: Any) -> float:
+        return (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e6
+
+    events = sorted(prof.key_averages(), key=self_s, reverse=True)
     return [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
-             "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in events[:top]]
+             **({"self_device_s": self_s(e)} if on_cuda else {}), "share_of_wall": self_s(e) / wall}
+            for e in events[:top]]
 
 
 @torch.inference_mode()
@@ -272,7 +284,7 @@ def decode_profile(model: Any, cache: kl.KVCache, first_token: torch.Tensor, n_s
             state["position"] += 1
         _sync(model.device)
 
-    return op_profile(steps, top)
+    return op_profile(steps, top, model.device)
 
 
 # The fresh process: its clock starts before anything is imported; it runs ``_cold_child`` below.
@@ -343,17 +355,24 @@ def check_sizes(sizes: dict[str, Any], keep_ratios: Sequence[float]) -> None:
         raise ValueError(f"keep_ratios={list(keep_ratios)}: must include 1.0, the uncompressed baseline")
 
 
-def load(model_name: str | None, model_config: dict[str, Any] | None, device: str, dtype: str,
-         max_len: int) -> tuple[Any, Any, dict[str, Any] | None]:
+def load(model_name: str | None, model_config: dict[str, Any] | None, device: str, dtype: str | None,
+         max_len: int) -> tuple[Any, Any, dict[str, Any] | None, str]:
     """The model to time: ``model_config`` (LlamaConfig fields) builds a random-weight Llama (speed
     does not depend on the weights; no tokenizer) with room for ``max_len`` positions unless the
-    config says otherwise, else ``kl.load_model``. Returns the model, the tokenizer (or None) and
-    the config actually used (what a fresh process must build again)."""
+    config says otherwise, else ``kl.load_model``. ``dtype=None``: bfloat16 on CUDA, float32 on a
+    CPU. Returns the model, the tokenizer (or None), the config actually used (what a fresh process
+    must build again) and the device the timings synchronise on (``"auto"`` resolved to the card
+    that holds the model's first layers)."""
+    kl._check_device(device)
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    dtype = dtype or ("bfloat16" if on_cuda else "float32")
     if model_config is None:
         model, tokenizer = kl.load_model(model_name, device=device, dtype=dtype)
-        return model, tokenizer, None
+        return model, tokenizer, None, str(model.device)
     model_config = {"max_position_embeddings": max_len, **model_config}
-    return kl.random_llama(seed=0, dtype=getattr(torch, dtype), device=device, **model_config), None, model_config
+    device = ("cuda" if on_cuda else "cpu") if device == "auto" else device
+    model = kl.random_llama(seed=0, dtype=getattr(torch, dtype), device=device, **model_config)
+    return model, None, model_config, str(model.device)
 
 
 def run_labels(model: Any, model_name: str | None, random_weights: bool, device: str, dtype: str,

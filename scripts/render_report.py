@@ -28,7 +28,9 @@ def load(notebook: str, profile: str, slug: str | None = None) -> dict | None:
 def figure_dir(res: dict) -> str:
     """Where the notebook's figures were saved for the report, relative to the project root."""
     slug = res.get("identity", {}).get("model_slug") or ""
-    return str((runtime.report_figures_dir(res["profile"]) / slug / res["notebook"]).relative_to(ROOT))
+    # a GPU record (profile "gpu-<card>") is published with the committed figures, under its model's slug
+    profile = "full" if res["profile"].startswith("gpu-") else res["profile"]
+    return str((runtime.report_figures_dir(profile) / slug / res["notebook"]).relative_to(ROOT))
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -252,6 +254,16 @@ def section_06(res: dict) -> tuple[str, str]:
                       [[c["context"], c["keep_ratio"], f"{c['tpot_dynamic_s'] * 1e3:.1f}", f"{c['tpot_in_place_s'] * 1e3:.1f}",
                         f"{c['speedup']:.2f}×", f"{c['dynamic_over_gemv_model']:.2f}×", f"{c['in_place_over_gemv_model']:.2f}×",
                         c["same_tokens"]] for c in s.get("cache_comparison", [])])
+    models = md_table(["context", "keep_ratio", "TPOT ms (median)", "(weights + KV) / bandwidth ms", "measured ÷ that",
+                       "with measured terms ms", "measured ÷ that"],
+                      [[d["context"], d["keep_ratio"], f"{d['tpot_median_s'] * 1e3:.2f}", f"{d['predicted_tpot_s'] * 1e3:.2f}",
+                        f"{d['measured_over_model']:.2f}×", f"{d['predicted_gemv_s'] * 1e3:.2f}",
+                        f"{d['tpot_median_s'] / d['predicted_gemv_s']:.2f}×"]
+                       for d in sorted(kn, key=lambda x: (x["context"], -x["keep_ratio"])) if d["keep_ratio"] in (1.0, 0.25)])
+    ops = s.get("profile_ops") or []
+    time_col = "self_device_s" if ops and "self_device_s" in ops[0] else "self_cpu_s"
+    op_table = md_table(["operator", "calls", f"{'device' if time_col == 'self_device_s' else 'CPU'} time ms", "share of wall"],
+                        [[f"`{o['op']}`", o["calls"], f"{o[time_col] * 1e3:.2f}", f"{o['share_of_wall']:.1%}"] for o in ops[:6]])
     probes = s["bandwidth_probes"]
     body = f"""## 06 · Speed and memory trade-offs
 
@@ -272,6 +284,17 @@ Prefill and compression overhead (the foundation's bar: compression ≤ 2 % of T
 This machine's rates: read {probes['read_bytes_per_s'] / 1e9:.1f} GB/s, copy {probes['copy_bytes_per_s'] / 1e9:.1f} GB/s,
 matrix-vector {probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s, matmul {s['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s; weights
 {s['weight_bytes'] / 1e6:.0f} MB.
+
+Measured TPOT (knorm, in-place decode cache) against the bandwidth model, (weights + kept KV) read once per token at the
+fastest streaming read, and against the model with the measured terms (fixed per-step cost of {s['step_overhead_s'] * 1e3:.1f} ms,
+weights at the matrix-vector rate, kept KV at the read bandwidth):
+
+{models}
+
+Where a decode step's time goes: the top operators of {s.get('profile_context', '')}-token uncompressed decode steps on the
+in-place cache ({'time on the card' if time_col == 'self_device_s' else 'CPU time'}):
+
+{op_table}
 
 The decode cache, before (transformers' `DynamicCache`) and after (in place), knorm; "its model" is the model with the
 measured terms (fixed step cost, weights at the matrix-vector rate, the kept KV moved once in place, three times on
@@ -367,6 +390,21 @@ Greedy generation on {sizes['n_gen_prompts']} wiki prompts of {sizes['gen_prompt
     return body, headline
 
 
+def section_06_gpu() -> str:
+    """Notebook 06 run on a GPU (``<results>/06_speed_tradeoffs/<model slug>/gpu-<card>.json``), one
+    section per record, rendered like the CPU section."""
+    parts = []
+    for path in sorted((RESULTS / "06_speed_tradeoffs").glob("*/gpu-*.json")):
+        res = json.loads(path.read_text())
+        body, _ = section_06(res)
+        m = res["machine"]
+        title = (f"## 06 on a GPU: {res['results']['summary']['model_label']}\n\nRecorded in "
+                 f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` on {m.get('gpu', 'a GPU')}, torch "
+                 f"{m['torch']}, transformers {m['transformers']}, {m['cpu_count']} CPU cores.\n")
+        parts.append(body.replace("## 06 · Speed and memory trade-offs\n", title, 1))
+    return "\n".join(parts)
+
+
 def section_benchmarks() -> str:
     lines = []
     for path in sorted((RESULTS / "benchmarks").glob("*.json")):
@@ -417,9 +455,9 @@ def main() -> None:
         body, headline = render(res)
         bodies.append(body)
         headlines.append(headline)
-    bench = section_benchmarks() if args.model is None else ""
-    if bench:
-        bodies.append(bench)
+    for extra in ((section_06_gpu(), section_benchmarks()) if args.model is None else ()):
+        if extra:
+            bodies.append(extra)
     if not bodies:
         print(f"no results for profile {args.profile!r}" + (f" and model {args.model!r}" if args.model else "")
               + " yet; run `make report` (or the notebooks with that model)")
