@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import math
 import numbers
@@ -247,10 +248,28 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def _without_cudnn_attention(fn: Callable[..., tuple[torch.Tensor, None]]) -> Callable[..., tuple[torch.Tensor, None]]:
+    """On CUDA, SDPA may pick cuDNN's attention, which plans every new key length afresh: a decode
+    step (one key more each time) then costs tens of ms of planning on the CPU. Flash,
+    memory-efficient and math kernels need no plan and give the same attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    @functools.wraps(fn)
+    def wrapped(module: torch.nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if query.device.type != "cuda":
+            return fn(module, query, *args, **kwargs)
+        with sdpa_kernel(backends):
+            return fn(module, query, *args, **kwargs)
+
+    return wrapped
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _without_cudnn_attention(_attention))
 
 
 def _looks_like_path(name: str) -> bool:
@@ -382,7 +401,11 @@ def random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str 
     cfg = LlamaConfig(**{**defaults, **config})
     cfg._attn_implementation = ATTN_IMPLEMENTATION
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        model = LlamaForCausalLM(cfg).to(dtype=dtype)
+    else:   # initialised on the card: seconds instead of a minute for real shapes (other random weights)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype=dtype)
     return model.eval()
 
 
@@ -811,6 +834,7 @@ def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch
     Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
     the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass)."""
     dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+    targets, ref_logits = targets.to(logits.device), ref_logits.to(logits.device)
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "correct": [], "kl": [], "top1_agree": []}
     for start in range(0, logits.shape[0], chunk):
         x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)

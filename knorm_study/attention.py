@@ -83,7 +83,7 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
         for keep_ratio in keep_ratios:
             n_kept = kl.n_kept_for(context_len, keep_ratio)
             for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
-                positions = torch.arange(attn.shape[-1]).expand_as(attn)
+                positions = torch.arange(attn.shape[-1], device=attn.device).expand_as(attn)
                 kept = torch.zeros_like(attn, dtype=torch.bool).scatter_(
                     -1, kl.keep_indices(layer_scores[0], positions, n_kept), True)
                 lost = (attn * ~kept).sum(-1)
