@@ -263,7 +263,7 @@ def section_06(res: dict) -> tuple[str, str]:
     ops = s.get("profile_ops") or []
     time_col = "self_device_s" if ops and "self_device_s" in ops[0] else "self_cpu_s"
     op_table = md_table(["operator", "calls", f"{'device' if time_col == 'self_device_s' else 'CPU'} time ms", "share of wall"],
-                        [[f"`{o['op']}`", o["calls"], f"{o[time_col] * 1e3:.2f}", f"{o['share_of_wall']:.1%}"] for o in ops[:6]])
+                        [[f"`{o['op'][:60]}{'…' if len(o['op']) > 60 else ''}`", o["calls"], f"{o[time_col] * 1e3:.2f}", f"{o['share_of_wall']:.1%}"] for o in ops[:6]])
     probes = s["bandwidth_probes"]
     body = f"""## 06 · Speed and memory trade-offs
 
