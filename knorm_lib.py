@@ -238,7 +238,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return out.reshape(b, h_q, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
     if recorder is not None:  # H2O and the attention studies read the attention probabilities
         groups = query.shape[1] // key.shape[1]
-        logits = query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
+        # float32 whatever the model's dtype, as the one-pass engine's replay of H2O computes them
+        logits = query.float() @ key.float().repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
         if mask is not None or is_causal:
             visible = mask if mask is not None else torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
             logits = logits.masked_fill(~visible, float("-inf"))

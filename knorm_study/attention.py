@@ -191,10 +191,36 @@ def _mid_keep_ratio(keep_ratios: Sequence[float]) -> float:
     return 0.5 if 0.5 in keep_ratios else sorted(keep_ratios)[len(keep_ratios) // 2]
 
 
-def _holds(s: dict[str, Any]) -> bool:
-    """The paper's claim: ρ negative beyond the first layers, and below the first layers' ρ."""
-    late, early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
-    return late < 0 and late < early
+def spearman_by_document(spearman_rows: Sequence[dict[str, Any]], field: str = "spearman",
+                         min_layer: int = 2) -> dict[str, Any] | None:
+    """The paper's claim, "low norm, high attention", as the ledger and the findings test it: per
+    document, the mean of ``field`` over the heads of layers ``min_layer`` and up, bootstrapped over
+    documents (``intervals.paired_bootstrap``; ``intervals.negative`` gives the verdict). None
+    without rows."""
+    from knorm_study import intervals
+
+    per_doc: dict[str, list[float]] = {}
+    for x in spearman_rows:
+        if x["layer"] >= min_layer and field in x and x[field] == x[field]:   # NaN: a constant row
+            per_doc.setdefault(x["document"], []).append(x[field])
+    return intervals.paired_bootstrap([sum(v) / len(v) for v in per_doc.values()]) if per_doc else None
+
+
+def _correlation_text(record: dict[str, Any]) -> tuple[str, str]:
+    """``(verdict, interval text)`` of the low-norm/high-attention claim in layers 2 and up, and
+    whether it is weak: |mean ρ| below 0.3 is weak token by token even when its sign is resolved."""
+    from knorm_study import intervals
+
+    b = spearman_by_document(record["results"]["spearman"])
+    if b is None:
+        return "not measured", ""
+    verdict = intervals.negative(b)
+    interval = f"[{b['lo']:+.3f}, {b['hi']:+.3f}], " if intervals.enough(b) else "(too few documents for an interval), "
+    phrase = {"holds": "negative, as the paper says", "fails": "positive, against the paper",
+              "not resolved": "not resolved (the interval includes 0 or there are too few documents)"}[verdict]
+    if verdict != "not resolved" and abs(b["mean"]) < 0.3:
+        phrase += ", but weak token by token"
+    return phrase, f"mean ρ {b['mean']:+.3f} {interval}n = {b['n']} documents"
 
 
 def findings(record: dict[str, Any]) -> str:
@@ -203,11 +229,12 @@ def findings(record: dict[str, Any]) -> str:
     s = record["results"]["summary"]
     mid = _mid_keep_ratio(record["parameters"]["keep_ratios"])
     lost = lambda p: s["fraction_lost"].get(f"{p}@{mid}", math.nan)
-    holds = _holds(s)
-    return f"""- **Low norm ↔ high attention:** mean Spearman ρ is {s['spearman_mean_layers_2plus']:.2f} in layers ≥ 2
-  ({s['fraction_heads_negative_layers_2plus']:.0%} of (document, layer, head) cells negative) against {s['spearman_mean_layers_0_1']:.2f} in layers 0–1.
-  The paper's finding — negative except in the first layers — {'holds' if holds else 'does not hold'} on this model,
-  {'which supports' if holds else 'which does not support'} the default `skip_layers=(0, 1)`.
+    phrase, numbers = _correlation_text(record)
+    late, early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
+    return f"""- **Low norm ↔ high attention, layers ≥ 2:** {phrase}: per-document {numbers}
+  (bootstrap over documents; {s['fraction_heads_negative_layers_2plus']:.0%} of (document, layer, head) cells negative).
+  In layers 0–1 the mean ρ is {early:.2f}, {'more' if early < late else 'not more'} negative than in layers ≥ 2 ({late:.2f}):
+  a weaker link in the first layers, the paper's reason for the default `skip_layers=(0, 1)`, {'is not seen' if early < late else 'is seen'} here.
 - **With position partialled out** (norm and attention both drift with position), mean ρ in layers ≥ 2 is
   {s['spearman_position_controlled_mean_layers_2plus']:.2f}.
 - **The attention sink** (first token) receives on average {s['sink_attention_mean']:.3f} of each query's attention.
@@ -226,10 +253,10 @@ def headline(record: dict[str, Any]) -> str:
     s = record["results"]["summary"]
     mid = _mid_keep_ratio(record["parameters"]["keep_ratios"])
     lost = lambda p: s["fraction_lost"].get(f"{p}@{mid}", math.nan)
-    rho_late, rho_early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
+    phrase, numbers = _correlation_text(record)
     knorm_helps = lost("knorm") < lost("random")
-    return (f"- **Low norm ↔ high attention {'holds beyond the first layers' if _holds(s) else 'is weak token by token on this model'}:** "
-            f"mean Spearman ρ {rho_late:.2f} in layers ≥ 2 against {rho_early:.2f} in layers 0–1 (first token excluded). "
+    return (f"- **Low norm ↔ high attention (layers ≥ 2) is {phrase}:** Spearman ρ between key norm and attention "
+            f"received, first token excluded, per-document {numbers}. "
             f"{'What KnormPress needs still holds' if knorm_helps else 'Evicting by norm does not beat random here'}: "
             f"evicting by norm at keep_ratio {mid} loses {lost('knorm'):.1%} of "
             f"the continuation's attention (random {lost('random'):.1%}, oracle {lost('oracle'):.1%})"

@@ -16,7 +16,8 @@ import math
 from typing import Any, Sequence
 
 import knorm_lib as kl
-from knorm_study import intervals, runtime
+from knorm_study import attention, intervals, runtime
+from knorm_study.intervals import enough, negative, positive
 
 VERDICTS = ("holds", "fails", "not resolved", "not measured")
 PPL_TOLERANCE = 0.05   # "barely moves perplexity": the mean increase stays within 5 %
@@ -74,37 +75,20 @@ def _paired(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     return intervals.paired_bootstrap([la[d] - lb[d] for d in docs])
 
 
-def _enough(b: dict[str, Any]) -> bool:
-    return b["n"] >= intervals.MIN_BOOTSTRAP_UNITS
-
-
 def within_tolerance(b: dict[str, Any], tolerance: float = PPL_TOLERANCE) -> str:
     """For "compression barely moves perplexity": holds when the whole interval of the mean log
     PPL increase lies within ``log(1 + tolerance)``, fails when it lies wholly beyond it."""
     limit = math.log1p(tolerance)
-    if not _enough(b):
+    if not enough(b):
         return "not resolved"
     return "holds" if b["hi"] <= limit else "fails" if b["lo"] > limit else "not resolved"
-
-
-def positive(b: dict[str, Any]) -> str:
-    """For "the difference is positive" (a is worse than b): holds when its interval lies above 0,
-    fails when it lies below."""
-    if not _enough(b):
-        return "not resolved"
-    return "holds" if b["lo"] > 0 else "fails" if b["hi"] < 0 else "not resolved"
-
-
-def negative(b: dict[str, Any]) -> str:
-    """For "the mean is negative" (a correlation): ``positive`` with the sign turned."""
-    return positive({**b, "lo": -b["hi"], "hi": -b["lo"]})
 
 
 def _pct(b: dict[str, Any]) -> str:
     """A bootstrapped mean log ratio as a percentage change with its interval."""
     if b["n"] == 0:
         return "not measured"
-    interval = (f" [{math.expm1(b['lo']):+.1%}, {math.expm1(b['hi']):+.1%}]" if _enough(b)
+    interval = (f" [{math.expm1(b['lo']):+.1%}, {math.expm1(b['hi']):+.1%}]" if enough(b)
                 else " (too few documents for an interval)")
     return f"{math.expm1(b['mean']):+.1%}{interval}"
 
@@ -173,15 +157,11 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     rows = []
     for field, protocol in (("spearman", "Spearman per head, attention from all later queries (not the paper's ALR)"),
                             ("spearman_position_controlled", "the same with position partialled out")):
-        per_doc: dict[str, list[float]] = {}
-        for x in r["spearman"]:
-            if x["layer"] >= 2 and field in x and x[field] == x[field]:   # NaN: a constant row
-                per_doc.setdefault(x["document"], []).append(x[field])
-        if not per_doc:
+        b = attention.spearman_by_document(r["spearman"], field)
+        if b is None:
             continue
-        b = intervals.paired_bootstrap([sum(v) / len(v) for v in per_doc.values()])
         rows.append(_row(claim, src, protocol, f"mean ρ {b['mean']:+.3f}"
-                         + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if _enough(b) else " (too few documents for an interval)"),
+                         + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if enough(b) else " (too few documents for an interval)"),
                          b["n"], negative(b)))
     areas: dict[str, dict[str, float]] = {}
     for x in r.get("loss_areas", []):
@@ -197,7 +177,7 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
                          f"area knorm {mean('knorm'):.3f}, sink + random {mean('sink_random'):.3f}"
                          + (f", sink + recent {mean('streaming'):.3f}" if "streaming" in areas else "")
                          + f"; difference {b['mean']:+.3f}"
-                         + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if _enough(b) else ""), b["n"],
+                         + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if enough(b) else ""), b["n"],
                          positive(b)))
     return rows
 

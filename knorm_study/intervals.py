@@ -54,6 +54,25 @@ def paired_bootstrap(diffs: Sequence[float], n_boot: int = 10_000, seed: int = 0
             "resolved": bool((lo > 0 or hi < 0) and d.size >= MIN_BOOTSTRAP_UNITS)}
 
 
+def enough(b: dict[str, Any]) -> bool:
+    """Whether a ``paired_bootstrap`` result has the units to resolve anything."""
+    return b["n"] >= MIN_BOOTSTRAP_UNITS
+
+
+def positive(b: dict[str, Any]) -> str:
+    """The verdict on "the mean is positive" from a ``paired_bootstrap`` result: "holds" when its
+    interval lies above 0, "fails" when it lies below, else (or below ``MIN_BOOTSTRAP_UNITS``
+    units) "not resolved"."""
+    if not enough(b):
+        return "not resolved"
+    return "holds" if b["lo"] > 0 else "fails" if b["hi"] < 0 else "not resolved"
+
+
+def negative(b: dict[str, Any]) -> str:
+    """The verdict on "the mean is negative" (a correlation): ``positive`` with the sign turned."""
+    return positive({**b, "lo": -b["hi"], "hi": -b["lo"]})
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (default 95 %) for a success rate of ``successes`` out of ``n``."""
     kl._positive_int("n", n)

@@ -133,3 +133,24 @@ def test_library_argument_checks(tiny32):
     assert kl.prefill_ppl(tiny32, ids, 16, 0.5, skip_layers=every).n_kept == 16
     assert kl.streaming_ppl(tiny32, ids, keep_ratio=0.5, skip_layers=every).n_kept == 32
 
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "auto:1", "", 3, None], ids=repr)
+def test_bad_device_is_named_before_loading(device, monkeypatch):
+    """A device string the library cannot use is refused, naming the argument, before any file is read."""
+    monkeypatch.setattr(kl, "DEFAULT_MODEL_DIR", kl.DATA_DIR / "no-such-model")   # loading would fail otherwise
+    with pytest.raises(ValueError, match=r"^device="):
+        kl.load_model(device=device)
+
+
+def test_mps_and_missing_cuda_are_refused_with_the_reason(monkeypatch):
+    with pytest.raises(ValueError, match="float64"):
+        kl.load_model(device="mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="no CUDA device"):
+            kl.load_model(device=device)
+    from knorm_study import runtime
+
+    with pytest.raises(ValueError, match="float64"):   # the notebooks' parameter check is the same rule
+        runtime.PARAMETER_CHECKS["device"]("device", "mps")

@@ -174,3 +174,22 @@ def test_committed_results_come_from_the_committed_code(path):
     stale = [name for name, digest in identity.get("library_sha256", {}).items()
              if kl.file_sha256(ROOT / name) != digest]
     assert not stale, f"{path.parent.name}: results computed with other versions of {stale}; run `make report`"
+
+
+def test_report_renders_each_gpu_record_of_06(tmp_path, monkeypatch):
+    """A GPU record of notebook 06 (``06_speed_tradeoffs/<slug>/gpu-<card>.json``) gets its own
+    report section, titled with its model and card, with the TPOT-against-models table read from it."""
+    record = json.loads((ROOT / "data" / "results" / "06_speed_tradeoffs" / "full.json").read_text())
+    record["profile"] = "gpu-test-card"
+    record["identity"]["model_slug"] = "random-llama-2x8"
+    record["results"]["summary"]["model_label"] = "random Llama 2L×8, bfloat16, Test Card"
+    target = tmp_path / "06_speed_tradeoffs" / "random-llama-2x8" / "gpu-test-card.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(record))
+    monkeypatch.setattr(render_report, "RESULTS", tmp_path)
+    text = render_report.section_06_gpu()
+    assert text.startswith("## 06 on a GPU: random Llama 2L×8, bfloat16, Test Card")
+    d = next(x for x in record["results"]["decode"] if x["policy"] == "knorm" and x["cache"] == "in_place"
+             and x["keep_ratio"] == 0.25)
+    assert f"| {d['context']} | 0.250 | {d['tpot_median_s'] * 1e3:.2f} | {d['predicted_tpot_s'] * 1e3:.2f} |" in text
+    assert "figures/random-llama-2x8/06_speed_tradeoffs/tpot_bandwidth_model.png" in text

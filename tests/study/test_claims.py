@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
+from helpers import ROOT
 from knorm_study import claims, intervals
 
 
@@ -103,3 +105,19 @@ def test_attention_rows_pair_documents():
     assert [r["verdict"] for r in rows] == ["holds", "fails", "holds"] and all(r["n"] == 6 for r in rows)
     assert "-0.300" in rows[0]["measured"]
     assert claims.negative(_boot([-0.3, -0.2, -0.25, -0.3, -0.2])) == "holds"
+
+
+def test_02_headline_and_findings_state_the_ledger_verdict():
+    """README's 02 line, 02's findings and the ledger judge "low norm, high attention" by one rule
+    (per-document means bootstrapped over documents), so they cannot disagree."""
+    from knorm_study import attention
+
+    rec = json.loads((ROOT / "data" / "results" / "02_attention_correlation" / "full.json").read_text())
+    verdict = claims.attention_claims(rec)[0]["verdict"]
+    phrase = {"holds": "negative, as the paper says", "fails": "positive, against the paper",
+              "not resolved": "not resolved"}[verdict]
+    assert phrase in attention.headline(rec) and phrase in attention.findings(rec)
+    few = {**rec, "results": {**rec["results"], "spearman": [x for x in rec["results"]["spearman"]
+                                                             if x["document"] == rec["results"]["spearman"][0]["document"]]}}
+    assert claims.attention_claims(few)[0]["verdict"] == "not resolved"
+    assert "not resolved" in attention.headline(few)
