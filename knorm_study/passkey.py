@@ -219,13 +219,17 @@ def lowest_ratio_matching_full(acc: Any, ctx: int, policy: str) -> float:
 
 
 CLAIM_MARGIN = 0.1   # "survives": accuracy within 10 points of the uncompressed accuracy
+RELIABLE = 0.8       # uncompressed retrieval counts as reliable from this accuracy on
 
 
 def claim_verdict(lo: float, hi: float, uncompressed: float, margin: float = CLAIM_MARGIN) -> str:
     """The passkey claim's rule for one cell, from its Wilson interval ``lo``–``hi``: the claim is
     that accuracy stays within ``margin`` of the uncompressed accuracy; "holds" when the whole
     interval lies at or above that line, "fails" when it lies below, otherwise "not resolved" at
-    this n."""
+    this n. Below ``RELIABLE`` uncompressed accuracy there is no retrieval to survive compression:
+    "not resolved"."""
+    if uncompressed < RELIABLE:
+        return "not resolved"
     line = uncompressed - margin
     return "fails" if hi < line else "holds" if lo >= line else "not resolved"
 
@@ -239,7 +243,7 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
     was not run."""
     r_min = min(keep_ratios)
     full_by_ctx = {int(c): float(_acc_row(acc, c, policies[0], 1.0).accuracy) for c in contexts}
-    holds = [c for c, a in full_by_ctx.items() if a >= 0.8]
+    holds = [c for c, a in full_by_ctx.items() if a >= RELIABLE]
     at_1 = df[df.keep_ratio == 1.0].groupby(["context", "seed", "depth"]).correct.nunique()
     claim = {}
     for ctx in contexts:
@@ -249,7 +253,7 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
                            "knorm_lowest_ratio_matching_full": lowest_ratio_matching_full(acc, ctx, "knorm") if has_knorm else None,
                            "best_policy_at_min": max(policies, key=lambda p: _acc_row(acc, ctx, p, r_min).accuracy),
                            "accuracy_at_min": {p: float(_acc_row(acc, ctx, p, r_min).accuracy) for p in policies}}
-    testable = [c for c in contexts if full_by_ctx[c] >= 0.8]
+    testable = [c for c in contexts if full_by_ctx[c] >= RELIABLE]
     if "knorm" in policies and testable and r_min <= 0.1 + 1e-9:
         rows = {c: _acc_row(acc, c, "knorm", r_min) for c in testable}
         per_ctx = {c: claim_verdict(k.lo, k.hi, full_by_ctx[c]) for c, k in rows.items()}
@@ -390,6 +394,8 @@ def protocols_text(record: dict[str, Any]) -> str:
     sizes = record["parameters"]["sizes"]
     claims = "; ".join(f"{c['protocol']}, {c['skip']}: {c['accuracy']:.0%} (Wilson 95 % {c['lo']:.0%}–{c['hi']:.0%}, "
                        f"n = {c['n']}; uncompressed {c['uncompressed']:.0%}) — **{c['verdict']}**"
+                       + (" (uncompressed retrieval is not reliable here: nothing to survive compression)"
+                          if c["uncompressed"] < RELIABLE else "")
                        for c in r["protocol_claims"])
     return (f"**The claim under both protocols** ({sizes['protocol_context']}-token contexts, "
             f"{r['protocol_n_samples']} samples: {sizes['protocol_seeds']} keys × {len(sizes['depths'])} depths). "
@@ -469,7 +475,7 @@ def findings(record: dict[str, Any]) -> str:
     s, sp, sizes = r["summary"], r["speed"], p["sizes"]
     full = {int(c): a for c, a in s["uncompressed_accuracy_by_context"].items()}
     longest = s["longest_context_retrieved_uncompressed"]
-    testable = [c for c, a in full.items() if a >= 0.8]
+    testable = [c for c, a in full.items() if a >= RELIABLE]
     r_min = min(p["keep_ratios"])
 
     def best_at(ctx: int) -> str:

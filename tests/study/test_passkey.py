@@ -174,4 +174,6 @@ def test_protocol_claims_verdict_rule():
                                  by=("protocol", "skip", "policy", "keep_ratio"))
     assert passkey.protocol_claims(few, 0.1)[0]["verdict"] == "not resolved"   # 3 of 3: too few to call
     assert passkey.claim_verdict(0.09, 0.91, 1.0) == "not resolved"              # 1 of 2 right
+    assert passkey.claim_verdict(0.0, 0.56, 0.0) == "not resolved"               # nothing retrieved uncompressed
+    assert passkey.claim_verdict(0.9, 1.0, 0.7) == "not resolved"                # unreliable uncompressed
     assert passkey.claim_verdict(0.61, 0.86, 1.0) == "fails" and passkey.claim_verdict(0.91, 1.0, 1.0) == "holds"
