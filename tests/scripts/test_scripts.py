@@ -193,3 +193,15 @@ def test_report_renders_each_gpu_record_of_06(tmp_path, monkeypatch):
              and x["keep_ratio"] == 0.25)
     assert f"| {d['context']} | 0.250 | {d['tpot_median_s'] * 1e3:.2f} | {d['predicted_tpot_s'] * 1e3:.2f} |" in text
     assert "figures/random-llama-2x8/06_speed_tradeoffs/tpot_bandwidth_model.png" in text
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "data" / "results").glob("*/*/*.json")), ids=lambda p: "/".join(p.parts[-3:]))
+def test_other_models_records_sit_under_their_own_slug(path):
+    """A committed record of a model other than the embedded one (e.g. the GPU run's) lives in the
+    folder named after its model's slug, records which notebook and model it is, and a GPU record
+    of 06 names the card it ran on."""
+    record = json.loads(path.read_text())
+    assert record["identity"]["model_slug"] == path.parent.name
+    assert record["notebook"] == path.parent.parent.name
+    if path.stem.startswith("gpu-"):
+        assert record["profile"] == path.stem and record["machine"].get("gpu")
