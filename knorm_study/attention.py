@@ -191,6 +191,17 @@ def _mid_keep_ratio(keep_ratios: Sequence[float]) -> float:
     return 0.5 if 0.5 in keep_ratios else sorted(keep_ratios)[len(keep_ratios) // 2]
 
 
+def _document_means(spearman_rows: Sequence[dict[str, Any]], field: str,
+                    layers: Callable[[int], bool]) -> dict[str, float]:
+    """Per document, the mean of ``field`` over the heads of the layers ``layers`` accepts (NaN
+    cells, from a constant row, left out)."""
+    per_doc: dict[str, list[float]] = {}
+    for x in spearman_rows:
+        if layers(x["layer"]) and field in x and x[field] == x[field]:
+            per_doc.setdefault(x["document"], []).append(x[field])
+    return {doc: sum(v) / len(v) for doc, v in per_doc.items()}
+
+
 def spearman_by_document(spearman_rows: Sequence[dict[str, Any]], field: str = "spearman",
                          min_layer: int = 2) -> dict[str, Any] | None:
     """The paper's claim, "low norm, high attention", as the ledger and the findings test it: per
@@ -199,28 +210,61 @@ def spearman_by_document(spearman_rows: Sequence[dict[str, Any]], field: str = "
     without rows."""
     from knorm_study import intervals
 
-    per_doc: dict[str, list[float]] = {}
-    for x in spearman_rows:
-        if x["layer"] >= min_layer and field in x and x[field] == x[field]:   # NaN: a constant row
-            per_doc.setdefault(x["document"], []).append(x[field])
-    return intervals.paired_bootstrap([sum(v) / len(v) for v in per_doc.values()]) if per_doc else None
+    means = _document_means(spearman_rows, field, lambda layer: layer >= min_layer)
+    return intervals.paired_bootstrap(list(means.values())) if means else None
+
+
+def early_minus_late(spearman_rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paper's reason for ``skip_layers=(0, 1)`` (a weaker norm-attention link in the first
+    layers): per document, mean ρ in layers 0-1 minus mean ρ in layers 2 and up, bootstrapped over
+    documents; positive means the first layers are less negative. None without both."""
+    from knorm_study import intervals
+
+    early = _document_means(spearman_rows, "spearman", lambda layer: layer < 2)
+    late = _document_means(spearman_rows, "spearman", lambda layer: layer >= 2)
+    docs = sorted(set(early) & set(late))
+    return intervals.paired_bootstrap([early[d] - late[d] for d in docs]) if docs else None
+
+
+def _interval_text(b: dict[str, Any]) -> str:
+    from knorm_study import intervals
+
+    return f"[{b['lo']:+.3f}, {b['hi']:+.3f}], " if intervals.enough(b) else "(too few documents for an interval), "
 
 
 def _correlation_text(record: dict[str, Any]) -> tuple[str, str]:
-    """``(verdict, interval text)`` of the low-norm/high-attention claim in layers 2 and up, and
-    whether it is weak: |mean ρ| below 0.3 is weak token by token even when its sign is resolved."""
+    """``(phrase, numbers)`` for the low-norm/high-attention claim in layers 2 and up: the phrase
+    states the verdict (and "weak token by token" when |mean ρ| < 0.3 even though the sign is
+    resolved), the numbers give the per-document mean ρ, its interval and n."""
     from knorm_study import intervals
 
     b = spearman_by_document(record["results"]["spearman"])
     if b is None:
         return "not measured", ""
     verdict = intervals.negative(b)
-    interval = f"[{b['lo']:+.3f}, {b['hi']:+.3f}], " if intervals.enough(b) else "(too few documents for an interval), "
     phrase = {"holds": "negative, as the paper says", "fails": "positive, against the paper",
               "not resolved": "not resolved (the interval includes 0 or there are too few documents)"}[verdict]
     if verdict != "not resolved" and abs(b["mean"]) < 0.3:
         phrase += ", but weak token by token"
-    return phrase, f"mean ρ {b['mean']:+.3f} {interval}n = {b['n']} documents"
+    return phrase, f"mean ρ {b['mean']:+.3f} {_interval_text(b)}n = {b['n']} documents"
+
+
+def _early_layers_text(record: dict[str, Any]) -> str:
+    """The first-layers comparison as a sentence: measured as ``early_minus_late``."""
+    from knorm_study import intervals
+
+    s, d = record["results"]["summary"], early_minus_late(record["results"]["spearman"])
+    means = (f"In layers 0–1 the mean ρ is {s['spearman_mean_layers_0_1']:.2f}, in layers ≥ 2 "
+             f"{s['spearman_mean_layers_2plus']:.2f}")
+    if d is None:
+        return means + "; the per-document difference was not measured."
+    verdict = intervals.positive(d)
+    what = {"holds": "The link is weaker in the first layers, the paper's reason for the default `skip_layers=(0, 1)`.",
+            "fails": "The link is stronger in the first layers, against the paper's reason for `skip_layers=(0, 1)`.",
+            "not resolved": "Not resolved: a weaker link in the first layers (the paper's reason for "
+                            "`skip_layers=(0, 1)`) is not shown at this n."}[verdict]
+    return (f"{means}; per document, layers 0–1 minus layers ≥ 2: {d['mean']:+.3f} {_interval_text(d)}"
+            f"n = {d['n']} documents. {what}")
 
 
 def findings(record: dict[str, Any]) -> str:
@@ -230,11 +274,9 @@ def findings(record: dict[str, Any]) -> str:
     mid = _mid_keep_ratio(record["parameters"]["keep_ratios"])
     lost = lambda p: s["fraction_lost"].get(f"{p}@{mid}", math.nan)
     phrase, numbers = _correlation_text(record)
-    late, early = s["spearman_mean_layers_2plus"], s["spearman_mean_layers_0_1"]
     return f"""- **Low norm ↔ high attention, layers ≥ 2:** {phrase}: per-document {numbers}
   (bootstrap over documents; {s['fraction_heads_negative_layers_2plus']:.0%} of (document, layer, head) cells negative).
-  In layers 0–1 the mean ρ is {early:.2f}, {'more' if early < late else 'not more'} negative than in layers ≥ 2 ({late:.2f}):
-  a weaker link in the first layers, the paper's reason for the default `skip_layers=(0, 1)`, {'is not seen' if early < late else 'is seen'} here.
+  {_early_layers_text(record)}
 - **With position partialled out** (norm and attention both drift with position), mean ρ in layers ≥ 2 is
   {s['spearman_position_controlled_mean_layers_2plus']:.2f}.
 - **The attention sink** (first token) receives on average {s['sink_attention_mean']:.3f} of each query's attention.

@@ -236,7 +236,7 @@ def claim_verdict(lo: float, hi: float, uncompressed: float, margin: float = CLA
 
 def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence[str],
                   keep_ratios: Sequence[float]) -> dict[str, Any]:
-    """How far uncompressed retrieval holds (>= 80 %), and the paper's claim that keys survive
+    """How far uncompressed retrieval holds (>= ``RELIABLE``), and the paper's claim that keys survive
     90 % compression: per context, knorm at the smallest keep_ratio against the uncompressed
     accuracy (``claim_verdict``), its lowest keep_ratio matching it, and the best policy there. The
     verdict is "untestable" when no context is retrieved reliably uncompressed or keep_ratio 0.1
@@ -271,7 +271,7 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
                     f"{claim[c]['knorm_lowest_ratio_matching_full']} at {c} tokens" for c in testable) + ".")
     else:
         verdict, text = "untestable", ("The paper's 90 % claim cannot be tested here: no context is retrieved "
-                                       "reliably (≥ 80 %) without compression, or keep_ratio 0.1 is not in this run.")
+                                       f"reliably (≥ {RELIABLE:.0%}) without compression, or keep_ratio 0.1 is not in this run.")
     return {"uncompressed_accuracy_by_context": full_by_ctx, "longest_context_retrieved_uncompressed": max(holds) if holds else None,
             "claim_90pct": {"verdict": verdict, "text": text, "by_context": claim},
             "policy_independent_at_keep_1": bool((at_1 == 1).all())}
@@ -501,7 +501,7 @@ def findings(record: dict[str, Any]) -> str:
                          f"(agreement {g[(pol, r_show)]['token_agreement']:.0%})" for pol in p["policies"])
     return f"""**How far uncompressed retrieval holds.** Without compression the model retrieves the key in
 {", ".join(f"{a:.0%} of samples at {c} tokens" for c, a in full.items())};
-{f"it holds (≥ 80 %) up to {longest} tokens" if longest else "it holds (≥ 80 %) at none of these contexts"}.
+{f"it holds (≥ {RELIABLE:.0%}) up to {longest} tokens" if longest else f"it holds (≥ {RELIABLE:.0%}) at none of these contexts"}.
 
 {s['claim_90pct']['text']}
 

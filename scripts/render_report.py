@@ -425,8 +425,7 @@ Each claim measured under the protocol it names; verdicts are computed from the 
 resolved at this n; perplexity claims by a bootstrap over documents, passkey claims by Wilson intervals). The
 language-modelling rows are measured by notebook 07 itself: prefill protocol on {n_pre} documents
 ({sizes['context_len']} + {sizes['continuation_len']} tokens), streaming protocol on {n_str} documents
-({sizes['stream_tokens']} tokens) — shorter contexts than notebook 04, for more documents. The others are read
-from notebooks 02, 03, 05 and 06.
+({sizes['stream_tokens']} tokens). The others are read from notebooks 02, 03, 05 and 06.
 
 {claims.ledger_markdown(r['ledger'])}
 """

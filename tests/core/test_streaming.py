@@ -267,6 +267,30 @@ def test_streaming_sweep_equals_separate_calls(tiny64, ids40):
         torch.testing.assert_close(res.kl, alone.kl)
 
 
+def test_streaming_sweep_batches_texts_and_orders_like_separate_calls(tiny64):
+    """Several texts at once: the sequential configurations that differ only in storage order run
+    as one batch over texts and orders; every (text, configuration) equals its own call, text-major,
+    and the two orders really differ under re-rotation (so the batch keeps rows apart)."""
+    gen = torch.Generator().manual_seed(11)
+    texts = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(2)]
+    cfgs = [dict(policy="knorm", keep_ratio=0.5, position_mode="rerotated", order=o) for o in kl.ORDERS]
+    cfgs += [dict(policy="knorm", keep_ratio=0.5, order="by_norm", engine="sequential"),
+             dict(policy="h2o", keep_ratio=0.5, engine="sequential"), dict(policy="random", max_cache=8)]
+    swept = kl.streaming_sweep(tiny64, texts, cfgs)
+    assert len(swept) == len(texts) * len(cfgs)
+    for k, res in enumerate(swept):
+        ids, cfg = texts[k // len(cfgs)], cfgs[k % len(cfgs)]
+        alone = kl.streaming_ppl(tiny64, ids, **cfg)
+        assert res.config == alone.config
+        torch.testing.assert_close(res.nll, alone.nll, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(res.kl, alone.kl, rtol=1e-10, atol=1e-10)
+        assert res.evictions.keys() == alone.evictions.keys()
+        assert all(torch.equal(res.evictions[i], alone.evictions[i]) for i in alone.evictions)
+    assert not torch.allclose(swept[0].nll, swept[1].nll)
+    with pytest.raises(ValueError, match="input_ids"):
+        kl.streaming_sweep(tiny64, [texts[0], texts[1][:, :20]], cfgs)
+
+
 def test_streaming_full_budget_reuses_the_reference(tiny64, ids40):
     """keep_ratio 1.0 with a reference given: no forward, and the same numbers as running it."""
     ref = kl.full_logits(tiny64, ids40)

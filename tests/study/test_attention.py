@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import _eager_probs
-from knorm_study import attention
+from knorm_study import attention, intervals
 
 
 def test_attention_received_is_causally_normalised_mean(tiny64, ids40):
@@ -35,3 +35,32 @@ def test_attention_mass_lost_bounds(tiny64, ids40):
     assert any(r["mass_lost"] > oracle[(r["keep_ratio"], r["layer"], r["kv_head"])] + 1e-6
                for r in rows if r["policy"] == "random")
 
+
+
+def _rho_rows(per_doc: dict[str, tuple[float, float]]) -> list[dict]:
+    """Spearman rows: per document, ρ = early in layers 0-1 and late in layers 2-3 (two heads each)."""
+    return [{"document": doc, "layer": layer, "kv_head": h, "spearman": early if layer < 2 else late}
+            for doc, (early, late) in per_doc.items() for layer in range(4) for h in range(2)]
+
+
+def test_early_minus_late_is_a_paired_per_document_difference():
+    weaker_first = {f"d{i}": (-0.05 + 0.01 * i, -0.3 + 0.02 * i) for i in range(6)}
+    d = attention.early_minus_late(_rho_rows(weaker_first))
+    assert d["n"] == 6 and d["mean"] == pytest.approx(0.225)   # mean of 0.25 - 0.01 i, i = 0..5
+    assert intervals.positive(d) == "holds"
+    stronger_first = {doc: (late, early) for doc, (early, late) in weaker_first.items()}
+    assert intervals.positive(attention.early_minus_late(_rho_rows(stronger_first))) == "fails"
+    mixed = {f"d{i}": (-0.1 + (0.05 if i % 2 else -0.05), -0.1) for i in range(6)}
+    assert intervals.positive(attention.early_minus_late(_rho_rows(mixed))) == "not resolved"
+    assert attention.early_minus_late([]) is None
+
+
+def test_findings_state_the_first_layers_verdict_from_the_interval():
+    rows = _rho_rows({f"d{i}": (-0.3 + 0.01 * i, -0.05) for i in range(6)})
+    record = {"parameters": {"keep_ratios": [1.0, 0.5]},
+              "results": {"spearman": rows, "summary": {
+                  "spearman_mean_layers_0_1": -0.28, "spearman_mean_layers_2plus": -0.05,
+                  "fraction_heads_negative_layers_2plus": 1.0, "spearman_position_controlled_mean_layers_2plus": -0.1,
+                  "sink_attention_mean": 0.3, "fraction_lost": {}, "loss_area_above_oracle": {}}}}
+    text = attention.findings(record)
+    assert "stronger in the first layers, against the paper's reason" in text and "n = 6 documents" in text
