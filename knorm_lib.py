@@ -10,7 +10,7 @@ module and never the reverse. Sections, in reading order:
 3. data          ``load_corpus``, ``encode``, ``long_documents``
 4. policies      one small score function per policy (higher score = keep); ``register_policy``
 5. compression   ``n_kept_for``, ``KVCache``, ``keep_indices`` (the tie rule), ``compress_cache``, re-rotation
-6. metrics       ``token_metrics``
+6. metrics       ``token_metrics`` (``Reference``: the uncompressed side, computed once per sweep)
 7. prefill       ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions)
 8. streaming     ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
 
@@ -54,7 +54,7 @@ __all__ = [
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
     "resolve_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
-    "token_metrics",
+    "Reference", "token_metrics",
     "Prefill", "prefill", "key_norms", "value_norms", "continuation_logits", "full_logits", "full_ppl",
     "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
@@ -839,26 +839,61 @@ def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
 # 6. Metrics
 # ----------------------------------------------------------------------------------------------
 
-def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor,
+def _metrics_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The uncompressed model's logits ``(T, vocab)`` with the per-row terms ``token_metrics``
+    needs from them alone (log-sum-exp, ``sum p_ref * ref``, argmax), computed once, so every
+    configuration compared against the same reference (a sweep) reuses them."""
+    logits: torch.Tensor
+    lse: torch.Tensor
+    self_dot: torch.Tensor   # sum over the vocabulary of p_ref * ref, per row
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, dtype: torch.dtype | None = None, chunk: int = 32) -> "Reference":
+        dtype = dtype or _metrics_dtype(logits)
+        parts: tuple[list[torch.Tensor], ...] = ([], [], [])
+        for start in range(0, logits.shape[0], chunk):
+            ref = logits[start:start + chunk].to(dtype)
+            lse = ref.logsumexp(-1)
+            for out, value in zip(parts, (lse, torch.linalg.vecdot((ref - lse[:, None]).exp_(), ref), ref.argmax(-1))):
+                out.append(value)
+        return cls(logits, *(torch.cat(v) for v in parts))
+
+    def __getitem__(self, rows: slice) -> "Reference":
+        return Reference(self.logits[rows], self.lse[rows], self.self_dot[rows], self.top1[rows])
+
+
+def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | Reference,
                   chunk: int = 32) -> dict[str, torch.Tensor]:
     """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
 
     Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
-    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass)."""
-    dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
-    targets, ref_logits = targets.to(logits.device), ref_logits.to(logits.device)
+    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass). Pass a
+    ``Reference`` to reuse its per-row terms across calls."""
+    ref_all = ref_logits if isinstance(ref_logits, Reference) else Reference.of(ref_logits, chunk=chunk)
+    dtype = _metrics_dtype(logits, ref_all.logits)
+    if ref_all.lse.dtype != dtype:
+        ref_all = Reference.of(ref_all.logits, dtype, chunk)
+    targets = targets.to(logits.device)
+    ref_all = Reference(*(t.to(logits.device) for t in (ref_all.logits, ref_all.lse, ref_all.self_dot, ref_all.top1)))
     parts: dict[str, list[torch.Tensor]] = {"nll": [], "correct": [], "kl": [], "top1_agree": []}
     for start in range(0, logits.shape[0], chunk):
-        x, ref = logits[start:start + chunk].to(dtype), ref_logits[start:start + chunk].to(dtype)
-        tgt = targets[start:start + chunk].view(-1, 1)
-        lse, ref_lse = x.logsumexp(-1), ref.logsumexp(-1)
+        rows = slice(start, start + chunk)
+        x, ref, ref_lse = logits[rows].to(dtype), ref_all.logits[rows].to(dtype), ref_all.lse[rows]
+        tgt = targets[rows].view(-1, 1)
+        lse = x.logsumexp(-1)
         ref_p = (ref - ref_lse[:, None]).exp_()
-        kl = torch.linalg.vecdot(ref_p, ref) - torch.linalg.vecdot(ref_p, x) - ref_lse + lse
+        kl = ref_all.self_dot[rows] - torch.linalg.vecdot(ref_p, x) - ref_lse + lse
         pred = x.argmax(-1)
         parts["nll"].append((lse - x.gather(-1, tgt).squeeze(-1)).cpu())
         parts["kl"].append(kl.clamp_min(0.0).cpu())
         parts["correct"].append((pred == tgt.squeeze(-1)).cpu())
-        parts["top1_agree"].append((pred == ref.argmax(-1)).cpu())
+        parts["top1_agree"].append((pred == ref_all.top1[rows]).cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -1050,14 +1085,15 @@ def _progress(items: Iterable, desc: str, enabled: bool) -> Iterable:
 
 
 def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Tensor, cfg: EvalConfig,
-             reference_logits: torch.Tensor, scores: list[torch.Tensor] | None = None) -> tuple[EvalResult, KVCache]:
+             reference_logits: torch.Tensor | Reference,
+             scores: list[torch.Tensor] | None = None) -> tuple[EvalResult, KVCache]:
     """One configuration on one prefill: compress ``pre.cache``, feed ``new_ids`` teacher-forced,
     score against ``targets`` and against ``reference_logits`` (the same forward on the full cache).
     Returns the result and the compressed cache. ``scores``: the policy's scores of ``pre.cache``."""
     cache = compress_cache(pre.cache, cfg.keep_ratio, cfg.policy, cfg.skip_layers, cfg.order,
                            PolicyOptions(cfg.seed, cfg.n_sink), pre.layer_inputs, scores)
     if _is_identity(cfg):
-        logits = reference_logits
+        logits = reference_logits.logits if isinstance(reference_logits, Reference) else reference_logits
     else:
         logits = continuation_logits(model, cache, new_ids, cfg.position_mode)
     m = token_metrics(logits, targets, reference_logits)
@@ -1093,7 +1129,8 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
                          + (" with capture_hidden=True (kvpress policies)" if needs_hidden else "")
                          + f"; got one of {pre.cache.seq_len} tokens")
     new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
-    ref_logits = reference_logits if reference_logits is not None else continuation_logits(model, pre.cache, new_ids)
+    ref_logits = Reference.of(reference_logits if reference_logits is not None
+                              else continuation_logits(model, pre.cache, new_ids))
     score_cache: dict[tuple, list] = {}
     results = []
     for cfg in _progress(configs, "configurations", progress):
@@ -1400,7 +1437,7 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
 
 
 def _streaming_result(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
-                      logits: torch.Tensor, evictions: dict, ref_logits: torch.Tensor) -> EvalResult:
+                      logits: torch.Tensor, evictions: dict, ref_logits: torch.Tensor | Reference) -> EvalResult:
     n, n_layers = ids.shape[1], _n_layers(model)
     m = token_metrics(logits[:-1], ids[0, 1:].to(model.device), ref_logits[:-1])
     kv_bytes_per_token = 2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()
@@ -1478,7 +1515,7 @@ def streaming_sweep(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor]
     _require(all(ids.shape[1] == n for ids in texts), "input_ids", [tuple(ids.shape) for ids in texts],
              "texts of one length")
     setups = [_streaming_config(model, n, **cfg) for cfg in configs]
-    references = [full_logits(model, ids) for ids in texts]
+    references = [Reference.of(full_logits(model, ids)) for ids in texts]
     results: dict[tuple[int, int], EvalResult] = {}
     batches: dict[StreamingConfig, list[int]] = {}
     for c, (cfg, budget) in _progress(list(enumerate(setups)), "streaming configurations", progress):
@@ -1486,7 +1523,7 @@ def streaming_sweep(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor]
             batches.setdefault(replace(cfg, order="original"), []).append(c)
             continue
         for d, ids in enumerate(texts):
-            logits, evictions = ((references[d], {}) if _nothing_evicted(budget)
+            logits, evictions = ((references[d].logits, {}) if _nothing_evicted(budget)
                                  else _stream_one_pass(model, ids, cfg, budget))
             results[d, c] = _streaming_result(model, ids, cfg, budget, logits, evictions, references[d])
     for members in _progress(list(batches.values()), "sequential batches", progress):

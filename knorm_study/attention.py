@@ -161,9 +161,9 @@ def loss_areas(lost: Any) -> Any:
     for doc, by_policy in per_doc.groupby(level="document"):
         oracle = by_policy.xs((doc, "oracle")).sort_index()
         evicted = 1 - oracle.index.to_numpy()
+        order = np.argsort(evicted)
         for policy in sorted(set(by_policy.index.get_level_values("policy")) - {"oracle"}):
             gap = by_policy.xs((doc, policy)).sort_index().to_numpy() - oracle.to_numpy()
-            order = np.argsort(evicted)
             area = float(np.sum(np.diff(evicted[order]) * (gap[order][1:] + gap[order][:-1]) / 2))
             rows.append({"document": doc, "policy": policy, "area_above_oracle": area})
     return pd.DataFrame(rows)

@@ -76,7 +76,7 @@ class Explorer:
         self.pre = kl.prefill(model, self.ids[:, :self.context_len], capture_hidden=True)
         self.new_ids = self.ids[:, self.context_len:-1]
         self.targets = self.ids[0, self.context_len + 1:].to(model.device)
-        self.ref_logits = kl.continuation_logits(model, self.pre.cache, self.new_ids)
+        self.ref_logits = kl.Reference.of(kl.continuation_logits(model, self.pre.cache, self.new_ids))
         self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
         self.reference_ids = decode.generate_greedy(model, self.ids[:, :self.context_len], n_generate, pre=self.pre)
         self._scores: dict[tuple, list] = {}

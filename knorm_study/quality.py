@@ -2,7 +2,7 @@
 
 04's steps: ``variants`` (one line per policy in every table and figure), ``prefill_sweep`` (one
 prefill per document, every configuration) timed against re-prefilling by ``reprefill_speed``,
-``streaming_rows``, ``curves`` (each configuration against its own document's full cache),
+``streaming_rows`` (``run_streaming``), ``curves`` (each configuration against its own document's full cache),
 ``aggregates`` and ``thresholds``. ``findings`` / ``headline`` turn a recorded result into the prose
 of the notebook and of REPORT.md / README.md; ``streaming_findings`` / ``streaming_headline`` do
 the same for scripts/streaming_numbers.py's streaming-protocol results.
@@ -149,21 +149,28 @@ def reprefill_speed(model: Any, doc: kl.TokenizedDoc, context_len: int, continua
 
 def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], variant_list: Sequence[Variant],
                    keep_ratios: Sequence[float], skip_layers: Sequence[int]) -> tuple[Any, list[float]]:
-    """One ``kl.streaming_sweep`` per document: the full cache (knorm at 1.0 with ``skip_layers``),
-    then every variant at every keep_ratio below 1. Rows as DataFrame, and seconds per document."""
+    """The full cache (knorm at 1.0 with ``skip_layers``), then every variant at every keep_ratio
+    below 1, per document (``run_streaming``)."""
+    compressed = [r for r in keep_ratios if r < 1.0]
+    labelled = [("full cache", dict(policy="knorm", keep_ratio=1.0, skip_layers=tuple(skip_layers)))]
+    labelled += [(label, dict(policy=p, keep_ratio=r, skip_layers=s)) for label, p, s in variant_list for r in compressed]
+    return run_streaming(model, docs, labelled)
+
+
+def run_streaming(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
+                    labelled: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, list[float]]:
+    """One ``kl.streaming_sweep`` of the ``(label, streaming_ppl keywords)`` configurations per
+    document: a DataFrame with a row per document and configuration (``variant``: its label; with
+    ``mean_kept_fraction``), and the seconds per document."""
     import pandas as pd
 
-    compressed = [r for r in keep_ratios if r < 1.0]
-    configs = [dict(policy="knorm", keep_ratio=1.0, skip_layers=tuple(skip_layers))]
-    configs += [dict(policy=p, keep_ratio=r, skip_layers=s) for _, p, s in variant_list for r in compressed]
-    labels = ["full cache"] + [label for label, _, _ in variant_list for _ in compressed]
     rows, seconds = [], []
     for corpus, doc in docs:
         t0 = time.perf_counter()
-        results = kl.streaming_sweep(model, doc.input_ids, configs, progress=True)
+        results = kl.streaming_sweep(model, doc.input_ids, [cfg for _, cfg in labelled], progress=True)
         seconds.append(time.perf_counter() - t0)
         rows += [{"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
-                 for label, res in zip(labels, results)]
+                 for (label, _), res in zip(labelled, results)]
     return pd.DataFrame(rows), seconds
 
 
@@ -185,22 +192,6 @@ def schedule_variants(keep_ratios: Sequence[float], prune_afters: Sequence[int],
         out += [(f"knorm + recent {recent_window}", dict(policy="knorm", keep_ratio=r, recent_window=recent_window,
                                                          skip_layers=skip)) for r in keep_ratios]
     return out
-
-
-def schedule_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
-                  schedules: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, list[float]]:
-    """One ``kl.streaming_sweep`` of ``schedules`` per document, rows as ``streaming_rows`` writes
-    them (with ``mean_kept_fraction``), and seconds per document."""
-    import pandas as pd
-
-    rows, seconds = [], []
-    for corpus, doc in docs:
-        t0 = time.perf_counter()
-        results = kl.streaming_sweep(model, doc.input_ids, [cfg for _, cfg in schedules], progress=True)
-        seconds.append(time.perf_counter() - t0)
-        rows += [{"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
-                 for (label, _), res in zip(schedules, results)]
-    return pd.DataFrame(rows), seconds
 
 
 MATCHED_VARIANTS = ("knorm", "streaming", "h2o")   # per-token rows shown beside the schedules

@@ -192,3 +192,21 @@ def test_token_metrics_chunking_is_exact(tiny64, ids40):
         torch.testing.assert_close(a[k], b[k])
     direct_kl = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
     torch.testing.assert_close(a["kl"], direct_kl, rtol=1e-8, atol=1e-10)
+
+
+def test_token_metrics_against_a_precomputed_reference_are_identical(tiny32, ids40):
+    """A ``Reference`` computed once (what a sweep shares across configurations) gives bitwise the
+    metrics of passing the logits, sliced or whole; a float64 comparison recomputes its terms."""
+    logits = tiny32(ids40).logits[0].detach()
+    ref_logits = logits.flip(0).contiguous()
+    tgt = ids40[0]
+    ref = kl.Reference.of(ref_logits)
+    for rows in (slice(None), slice(None, -1)):
+        a = kl.token_metrics(logits[rows], tgt[rows], ref_logits[rows])
+        b = kl.token_metrics(logits[rows], tgt[rows], ref[rows])
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    c = kl.token_metrics(logits.double(), tgt, ref)
+    d = kl.token_metrics(logits.double(), tgt, ref_logits)
+    for k in c:
+        assert torch.equal(c[k], d[k]), k
