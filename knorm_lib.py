@@ -1,34 +1,25 @@
 """knorm_lib: KnormPress (keep the keys with the lowest L2 norm) and its measurement, exactly.
 
-The study's core, readable top to bottom; the study machinery (decoding, explorer, passkey task,
-speed probes, notebook plumbing) lives in the sibling package ``knorm_study``, which imports this
-module and never the reverse. Sections, in reading order:
-
-1. input checks  one place for the argument checks every entry point runs before heavy work
-2. loading       ``load_model`` (embedded SmolLM2 or any supported Hugging Face id / local path),
-                 ``random_llama``, the attention function every evaluation goes through
-3. data          ``load_corpus``, ``encode``, ``long_documents``
-4. policies      one small score function per policy (higher score = keep); ``register_policy``
-5. compression   ``n_kept_for``, ``KVCache``, ``keep_indices`` (the tie rule), ``compress_cache``, re-rotation
-6. metrics       ``token_metrics`` (``Reference``: the uncompressed side, computed once per sweep)
-7. prefill       ``prefill``, ``prefill_ppl``, ``sweep`` (one prefill, many compressions)
-8. streaming     ``streaming_ppl`` (one-pass masked evaluator and sequential reference), ``streaming_sweep``
+Readable top to bottom: 1 input checks, 2 loading and the attention function, 3 data, 4 policies
+(higher score = keep; ``register_policy``), 5 compression (``keep_indices`` holds the tie rule),
+6 metrics, 7 prefill evaluation (``prefill_ppl``, ``sweep``), 8 streaming evaluation
+(``streaming_ppl``, ``streaming_sweep``). The study machinery lives in ``knorm_study``, which
+imports this module and never the reverse.
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
 
-* ``"absolute"`` -- new tokens keep their true positions. Correct: every cached key was rotated by
-  RoPE at its own position before it was cached, so attention over the kept keys is a set
-  operation and neither eviction nor storage order moves any key.
-* ``"cache_relative"`` -- new tokens are numbered from the compressed cache length, which is what
-  ``model(new_ids, past_key_values=cache)`` does when layer 0 of a transformers cache was
-  compressed and no ``position_ids`` are passed (transformers reads layer 0's length). Queries then
-  sit at the wrong distance from every key: the bug behind the write-up's 39.68 -> 155.91 jump.
-* ``"rerotated"`` -- kept keys are re-rotated to contiguous slots ``0..n_kept-1`` (in storage
-  order) and new tokens are numbered after them, like StreamingLLM's pos-shift and kvpress's
-  ``KeyRerotationPress``. Only here does storage order (``order="by_norm"``) matter.
+* ``"absolute"``: new tokens keep their true positions. Correct: RoPE rotated every cached key
+  at its own position, so attention over the kept keys is a set operation.
+* ``"cache_relative"``: new tokens are numbered from the compressed cache length, what
+  ``model(new_ids, past_key_values=cache)`` does without ``position_ids`` (transformers reads
+  layer 0's length). Queries sit at the wrong distance from every key: the write-up's 39.68 ->
+  155.91 jump.
+* ``"rerotated"``: kept keys are re-rotated to contiguous slots in storage order and new tokens
+  follow them (StreamingLLM's pos-shift, kvpress's ``KeyRerotationPress``). Only here does
+  storage order (``order="by_norm"``) matter.
 
-All evaluation is batch size 1 and unpadded; the attention function builds its own causal mask
-from each layer's key length, so layers may hold caches of different lengths (``skip_layers``).
+Evaluation is unpadded; the attention function builds its causal mask from each layer's own key
+length, so layers may hold caches of different lengths (``skip_layers``).
 """
 
 from __future__ import annotations
@@ -48,14 +39,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "load_model", "random_llama", "check_supported", "recording_attention", "grouped_decoding",
+    "load_model", "check_supported", "recording_attention", "grouped_decoding",
     "Document", "TokenizedDoc", "CORPORA", "load_corpus", "verified_corpus_path", "file_sha256", "encode",
     "long_documents",
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
     "resolve_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "Reference", "token_metrics",
-    "Prefill", "prefill", "key_norms", "value_norms", "continuation_logits", "full_logits", "full_ppl",
+    "Prefill", "prefill", "continuation_logits", "full_logits", "full_ppl",
     "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
     "streaming_ppl", "streaming_sweep",
@@ -74,9 +65,7 @@ POSITION_MODES: tuple[str, ...] = ("absolute", "cache_relative", "rerotated")
 ORDERS: tuple[str, ...] = ("original", "by_norm")
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Input checks: every entry point runs these before heavy work; errors name the argument
-# ----------------------------------------------------------------------------------------------
+# ---- 1. Input checks: every entry point runs these before heavy work; errors name the argument ----
 
 def _positive_int(name: str, v: Any) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -161,27 +150,16 @@ def _check_context_len(context_len: int, n_tokens: int) -> None:
                          f"tokens - 1 = {n_tokens - 1} (at least two tokens must follow the context)")
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Loading and the attention function
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Loading and the attention function --------------------------------------------------------
 
-# Per-layer attention masks for evaluators that need more than causal attention (the one-pass
-# streaming evaluator): ``(q_len, k_len)``, boolean (True = visible) or additive, or additive per
-# KV head ``(H_kv, q_len, k_len)`` (batch size 1). ``None`` means plain causal attention.
-# Called as ``mask_fn(layer_idx, query, key, scale)`` with the layer's RoPE-rotated tensors.
+# The one-pass streaming engine's per-layer mask, ``mask_fn(layer_idx, query, key, scale)`` with the
+# layer's RoPE-rotated tensors: ``(q_len, k_len)`` boolean (True = visible) or additive, additive per
+# KV head ``(H_kv, q_len, k_len)`` (batch size 1), or ``None`` (causal).
 MaskFn = Callable[[int, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
-
-
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
-
-
-# Receives (layer_idx, attention probabilities (B, H_q, q_len, k_len)) from every attention call.
 _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
     contextvars.ContextVar("knorm_attn_recorder", default=None)
-
-
-# Set by decoders (``grouped_decoding``): single-token queries use the grouped form of attention,
-# which reads the cache once per KV head. Equal up to float rounding, not bitwise, so the
+# Grouped decode steps equal the per-head form up to float rounding, not bitwise, so the
 # evaluators that score perplexity keep the per-head form.
 _GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_grouped_decode", default=False)
 
@@ -210,11 +188,8 @@ def grouped_decoding(enabled: bool = True) -> contextlib.AbstractContextManager:
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA whose causal mask comes from this layer's own key length.
-
-    The ``q_len`` new queries are the last ``q_len`` tokens of ``key``; everything before them is
-    cache and fully visible. This is why layers may hold caches of different lengths.
-    """
+    """SDPA whose causal mask comes from this layer's own key length: the ``q_len`` queries are the
+    last ``q_len`` keys, everything before them is cache and fully visible."""
     for feature in ("sliding_window", "softcap", "s_aux"):   # features this function does not implement
         if kwargs.get(feature) is not None:
             raise NotImplementedError(f"layer {module.layer_idx}: attention with {feature}={kwargs[feature]!r} is not "
@@ -228,19 +203,17 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         if q_len == k_len:
             is_causal = True
         else:
-            # additive (SDPA on CPU runs it ~2.5x faster than a boolean mask, same output)
+            # additive: 1.1-1.6x faster than boolean on CPU, bitwise equal (benchmarks/bench_evaluation_speed.py)
             mask = torch.full((q_len, k_len), float("-inf"), dtype=query.dtype, device=query.device).triu(k_len - q_len + 1)
     recorder = _ATTN_RECORDER.get()
     if q_len == 1 and mask is None and recorder is None and _GROUPED_DECODE.get():
-        # a decode step: each KV head's query group as one (groups, D) query block, so every kept
-        # key and value is read once (SDPA's enable_gqa reads them once per query head)
+        # each KV head's query group as one block: every key and value read once (enable_gqa: per query head)
         b, h_q, _, _ = query.shape
         grouped = query.reshape(b, key.shape[1], h_q // key.shape[1], query.shape[-1])
         out = F.scaled_dot_product_attention(grouped, key, value, scale=scaling)
         return out.reshape(b, h_q, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
-    if recorder is not None:  # H2O and the attention studies read the attention probabilities
-        # float32 whatever the model's dtype, as the one-pass engine's replay of H2O computes them
+    if recorder is not None:  # float32 whatever the model's dtype, as the one-pass replay of H2O
         logits = query.float() @ key.float().repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
         if mask is not None and mask.dtype != torch.bool:
             logits = logits + (mask.float().repeat_interleave(groups, dim=0) if mask.dim() == 3 else mask.float())
@@ -249,7 +222,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
             logits = logits.masked_fill(~visible, float("-inf"))
         recorder(module.layer_idx, logits.float().softmax(-1))  # (B, H_q, q_len, k_len)
     if mask is not None and mask.dim() == 3:
-        # per KV head: each head's query group is one batch row, so the mask is never repeated per query head
+        # each KV head's query group is one batch row: the mask is never repeated per query head
         h_kv, d = key.shape[1], query.shape[-1]
         out = F.scaled_dot_product_attention(query.view(h_kv, groups, q_len, d), key[0][:, None], value[0][:, None],
                                              attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
@@ -261,9 +234,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _without_cudnn_attention(fn: Callable[..., tuple[torch.Tensor, None]]) -> Callable[..., tuple[torch.Tensor, None]]:
-    """On CUDA, SDPA may pick cuDNN's attention, which plans every new key length afresh: a decode
-    step (one key more each time) then costs tens of ms of planning on the CPU. Flash,
-    memory-efficient and math kernels need no plan and give the same attention."""
+    """On CUDA, keep SDPA off cuDNN's attention, which plans every new key length afresh (tens of ms
+    per decode step); flash, memory-efficient and math kernels need no plan."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -285,15 +257,14 @@ def _register_attention() -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    # Hugging Face ids look like "org/name"; anything else with a slash, a dot or a tilde is a path,
-    # and so is "dir/name" when "dir" is a local directory.
+    # Hugging Face ids look like "org/name"; so may "dir/name" when "dir" is a local directory
     return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
             or ("/" in name and Path(name.split("/")[0]).is_dir()))
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """False when offline (``HF_HUB_OFFLINE``) or the hub does not answer within ``timeout_s``:
-    then a missing model fails at once instead of after the hub client's minute of retries."""
+    """False when offline (``HF_HUB_OFFLINE``) or the hub does not answer within ``timeout_s``, so a
+    missing model fails at once, not after the hub client's minute of retries."""
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -322,14 +293,11 @@ def _check_config(cfg: Any, arch: str) -> None:
 
 
 def check_supported(model: Any) -> None:
-    """Refuse, naming the feature, a model this library cannot evaluate exactly.
-
-    Supported: decoder-only models with RoPE attention laid out like Llama (``model.model.layers[i]
-    .self_attn``, one ``model.model.rotary_emb``): Llama (any RoPE scaling), Mistral without a
-    sliding window, Qwen2/Qwen3 (window off), Phi-3, SmolLM. Refused: other layouts (GPT-2,
-    encoder-decoders), sliding-window attention (Mistral-7B-v0.1, Gemma2/3: the attention function
-    masks by each layer's own cache, which no longer says how far back a key sits once tokens are
-    evicted), attention logit softcapping (Gemma2), per-layer-type RoPE (Gemma3)."""
+    """Refuse, naming the feature, a model this library cannot evaluate exactly. Supported:
+    decoder-only RoPE models laid out like Llama (``model.model.layers[i].self_attn``, one
+    ``model.model.rotary_emb``): Llama, Mistral without a sliding window, Qwen2/3, Phi-3, SmolLM.
+    Refused: other layouts, sliding windows (once tokens are evicted a layer's cache length no
+    longer says how far back a key sits), logit softcapping (Gemma2), per-layer-type RoPE (Gemma3)."""
     cfg = getattr(model, "config", None)
     arch = type(model).__name__
     inner = getattr(model, "model", None)
@@ -343,13 +311,10 @@ def check_supported(model: Any) -> None:
 
 def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
                dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
-    """Return ``(model, tokenizer)`` in eval mode, using this module's attention function.
-
-    ``name=None`` loads the embedded SmolLM2-135M-Instruct that ``make data`` caches as
-    safetensors under ``data/models/``. Any Hugging Face id or local directory works too; weights
-    load from safetensors only and ``trust_remote_code`` stays off. ``device="auto"`` hands a model
-    larger than one GPU to accelerate (``device_map="auto"``).
-    """
+    """``(model, tokenizer)`` in eval mode with this module's attention function: the embedded
+    SmolLM2-135M-Instruct (``name=None``, cached by ``make data``), a Hugging Face id or a local
+    directory. Safetensors only, ``trust_remote_code`` off; ``device="auto"``: accelerate's
+    ``device_map="auto"`` for a model larger than one GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -397,30 +362,6 @@ def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
     return model, tokenizer
 
 
-def random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 **config: Any) -> Any:
-    """A random-weight Llama built from a config (no download), with this module's attention.
-
-    Defaults give a tiny model for tests (4 layers, 4 query heads, 2 KV heads, head_dim 16);
-    pass e.g. ``num_hidden_layers=32, hidden_size=4096, ...`` for a speed study at real shapes
-    (speed does not depend on the weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _register_attention()
-    defaults = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                    rope_theta=10_000.0, tie_word_embeddings=False)
-    cfg = LlamaConfig(**{**defaults, **config})
-    cfg._attn_implementation = ATTN_IMPLEMENTATION
-    torch.manual_seed(seed)
-    if torch.device(device).type == "cpu":
-        model = LlamaForCausalLM(cfg).to(dtype=dtype)
-    else:   # initialised on the card: seconds instead of a minute for real shapes (other random weights)
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype=dtype)
-    return model.eval()
-
-
 def _layers(model: Any) -> Sequence[torch.nn.Module]:
     return model.model.layers
 
@@ -434,9 +375,7 @@ def _head_dim(model: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Data
-# ----------------------------------------------------------------------------------------------
+# ---- 3. Data --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Document:
@@ -462,8 +401,7 @@ _VERIFIED_CORPORA: set[Path] = set()   # checked against the manifest once per p
 
 
 def verified_corpus_path(name: str) -> Path:
-    """``data/corpora/<name>.jsonl`` after checking its sha256 against ``data/manifest.json`` (once
-    per process): a cut or edited corpus is an error, never silently other documents."""
+    """``data/corpora/<name>.jsonl``, its sha256 checked against ``data/manifest.json`` once per process."""
     if name not in CORPORA:
         raise ValueError(f"corpus={name!r}: choose one of {CORPORA}")
     path = CORPUS_DIR / f"{name}.jsonl"
@@ -512,10 +450,8 @@ class TokenizedDoc:
 
 
 def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: int, n_docs: int) -> list[TokenizedDoc]:
-    """``n_docs`` token sequences of exactly ``n_tokens`` from real text, deterministic.
-
-    ``wiki``: the longest articles (cut to ``n_tokens``). ``news``: the articles are short (about
-    250 tokens), so consecutive articles are joined with blank lines into non-overlapping streams."""
+    """``n_docs`` token sequences of exactly ``n_tokens``, deterministic: ``wiki``, the longest articles
+    (cut); ``news`` (about 250 tokens each), consecutive articles joined by blank lines."""
     if not isinstance(n_tokens, int) or n_tokens < 2:
         raise ValueError(f"n_tokens={n_tokens!r}: must be an int >= 2")
     if not isinstance(n_docs, int) or n_docs < 1:
@@ -544,14 +480,12 @@ def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: in
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Scores and policies (higher score = keep)
-# ----------------------------------------------------------------------------------------------
+# ---- 4. Scores and policies (higher score = keep) -------------------------------------------------
 
 @dataclass
 class LayerKV:
-    """What a policy may look at for one layer: keys/values ``(B, H_kv, S, D)``, their original
-    positions ``(B, H_kv, S)``, and (for kvpress presses) the layer's input hidden states."""
+    """What a policy sees of one layer: keys/values ``(B, H_kv, S, D)``, original positions
+    ``(B, H_kv, S)``, the layer's inputs (kvpress presses), attention received (dynamic policies)."""
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
@@ -559,8 +493,8 @@ class LayerKV:
     module: torch.nn.Module | None = None
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    attention_mass: torch.Tensor | None = None  # dynamic policies (h2o), streaming protocol only
-    budget: int | None = None                   # tokens to keep at this step (streaming)
+    attention_mass: torch.Tensor | None = None
+    budget: int | None = None   # tokens to keep at this step (streaming)
 
 
 @dataclass(frozen=True)
@@ -579,8 +513,8 @@ POLICIES: dict[str, ScoreFn] = {}
 
 
 def register_policy(name: str) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator: ``@register_policy("mine")`` on ``def mine(kv, opts) -> scores (B, H_kv, S)``
-    makes ``policy="mine"`` work everywhere (compression, evaluation, every notebook)."""
+    """``@register_policy("mine")`` on ``def mine(kv, opts) -> scores (B, H_kv, S)`` makes
+    ``policy="mine"`` work everywhere."""
     def wrap(fn: ScoreFn) -> ScoreFn:
         POLICIES[name] = fn
         return fn
@@ -605,8 +539,8 @@ def high_norm_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
 
 
 def _hash_uniform(positions: torch.Tensor, layer_idx: int, seed: int) -> torch.Tensor:
-    """A uniform number in [0, 1) per (seed, layer, KV head, position): a fixed function of the
-    token, so a streaming run and a prefill run draw the same score for the same token."""
+    """Uniform in [0, 1) per (seed, layer, KV head, position): streaming and prefill runs draw the
+    same score for the same token."""
     heads = torch.arange(positions.shape[1], device=positions.device).view(1, -1, 1)
     x = (positions * 0x9E3779B1 + heads * 0x85EBCA77 + layer_idx * 0xC2B2AE3D + seed * 0x27D4EB2F) & 0xFFFFFFFF
     for _ in range(2):  # integer mixing (all intermediate values stay below 2**63)
@@ -622,21 +556,20 @@ def random_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
 
 @register_policy("streaming")
 def streaming_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
-    """StreamingLLM: the first ``n_sink`` tokens, then the most recent ones. Sinks rank above every
-    other token and among themselves by age (the first token last to go, should the budget ever be
-    smaller than ``n_sink``); 2**23 keeps the scores exact in float32."""
+    """StreamingLLM: the first ``n_sink`` tokens (the first last to go), then the most recent ones;
+    2**23 keeps the scores exact in float32."""
     pos = kv.positions.float()
     return torch.where(kv.positions < opts.n_sink, 2.0**23 + opts.n_sink - pos, pos)
 
 
 @register_policy("h2o")
 def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
-    """H2O: the most recent half of the budget, then the heavy hitters by attention received so
-    far. Dynamic (a token's score grows with later queries): streaming protocol only."""
+    """H2O: the most recent half of the budget, then the most attention received so far. Dynamic
+    (scores grow with later queries): streaming protocol only."""
     if kv.attention_mass is None or kv.budget is None:
         raise ValueError("policy='h2o' is dynamic (it needs the attention each token received so far): "
                          "use it with streaming_ppl, not with prefill compression")
-    n_recent = kv.budget // 2  # H2O's even split; 0 while the budget is 1 (then attention alone decides)
+    n_recent = kv.budget // 2  # H2O's even split
     newest = kv.positions.amax(dim=-1, keepdim=True)
     recent = kv.positions > newest - n_recent
     return torch.where(recent, kv.attention_mass.new_full((), float("inf")), kv.attention_mass)
@@ -680,9 +613,7 @@ def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
     raise ValueError(f"policy={policy!r}: expected a policy name or a kvpress ScorerPress instance")
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Compression
-# ----------------------------------------------------------------------------------------------
+# ---- 5. Compression -------------------------------------------------------------------------------
 
 def n_kept_for(n: int, keep_ratio: float) -> int:
     """Tokens kept out of ``n``: exactly kvpress's ``compute_n_kept(n, 1 - keep_ratio)``."""
@@ -692,9 +623,8 @@ def n_kept_for(n: int, keep_ratio: float) -> int:
 
 @dataclass
 class KVCache:
-    """A per-layer KV cache detached from transformers: ``keys``/``values`` ``(B, H_kv, S_l, D)``,
-    the original ``positions`` ``(B, H_kv, S_l)`` of what each layer holds, and ``seq_len``, the
-    number of tokens seen. Layers may hold different lengths (skipped layers are not compressed)."""
+    """Per layer ``keys``/``values`` ``(B, H_kv, S_l, D)`` and original ``positions`` ``(B, H_kv, S_l)``
+    (layers may differ in length), and ``seq_len``, the tokens seen."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: list[torch.Tensor]
@@ -709,8 +639,7 @@ class KVCache:
         return cls(keys, values, [pos] * len(keys), s)
 
     def to_transformers(self) -> Any:
-        """A fresh transformers ``DynamicCache`` holding a copy of these tensors (later updates never
-        touch ``self``)."""
+        """A transformers ``DynamicCache`` holding a copy (later updates never touch ``self``)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -727,19 +656,16 @@ class KVCache:
 
 def keep_indices(scores: torch.Tensor, positions: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Indices (last dim) of the ``n_keep`` highest ``scores``: THE TIE RULE of every ranking here.
-
-    Equal scores resolve by position: the newest token stays, the oldest goes first. Prefill
-    compression, both streaming engines (whose heap and replay evict the oldest of equal scores)
-    and the attention-loss study all rank through this rule, so a kept set is a function of the
-    scores and the positions, never of how ``topk`` or a heap happens to order ties."""
+    Equal scores keep the newest token. Every ranking (prefill, both streaming engines, the
+    attention-loss study) follows it, so a kept set never depends on how ``topk`` orders ties."""
     by_position = positions.argsort(dim=-1, descending=True, stable=True)
     by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
     return by_position.gather(-1, by_score)[..., :n_keep]
 
 
 def storage_order(idx: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, order: Order) -> torch.Tensor:
-    """Kept indices ``idx`` rearranged for storage: by position (``"original"``), or by ascending
-    key norm with equal norms by position (``"by_norm"``, what the paper's code stores)."""
+    """Kept indices ``idx`` in storage order: by position (``"original"``) or by ascending key norm,
+    ties by position (``"by_norm"``, the paper's code)."""
     idx = idx.gather(-1, positions.gather(-1, idx).argsort(dim=-1, stable=True))
     if order == "by_norm":
         idx = idx.gather(-1, _norms(keys).gather(-1, idx).argsort(dim=-1, stable=True))
@@ -777,11 +703,9 @@ def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm
                    skip_layers: Iterable[int] = (0, 1), order: Order = "original",
                    options: PolicyOptions = PolicyOptions(), layer_inputs: dict[int, dict] | None = None,
                    scores: list[torch.Tensor] | None = None) -> KVCache:
-    """Keep, per layer and KV head, the ``n_kept_for(S, keep_ratio)`` tokens with the highest
-    policy score (``knorm``: the lowest key norms). ``skip_layers`` are left whole (default
-    ``(0, 1)``, the paper's choice; ``()`` compresses every layer). ``order="original"`` stores the
-    kept tokens in position order, ``"by_norm"`` by ascending key norm (what the write-up and the
-    paper's code store). ``scores`` (one ``(B, H_kv, S)`` tensor per layer) skips re-scoring."""
+    """Keep, per layer and KV head, the ``n_kept_for(S, keep_ratio)`` highest-scored tokens (knorm:
+    lowest key norms); ``skip_layers`` stay whole (the paper's ``(0, 1)``). ``order``: see
+    ``storage_order``. ``scores`` (per layer ``(B, H_kv, S)``) skips re-scoring."""
     keep_ratio = _check_keep_ratio(keep_ratio)
     skip = _check_skip_layers(skip_layers, len(cache.keys))
     _check_choice("order", order, ORDERS)
@@ -817,27 +741,21 @@ def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor
 
 def _to_slots(keys: torch.Tensor, rotated_at: torch.Tensor, next_position: int,
               model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``keys`` (rotated at positions ``rotated_at``) re-rotated to the contiguous slots that end
-    just before ``next_position``, and those slots."""
+    """``keys`` (rotated at ``rotated_at``) re-rotated to contiguous slots ending before ``next_position``."""
     s = keys.shape[2]
     slots = torch.arange(s, device=keys.device).expand_as(rotated_at) + (next_position - s)
     return _rotate(keys, slots - rotated_at, model), slots
 
 
 def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
-    """Move each kept key to a contiguous slot (storage order), like StreamingLLM's pos-shift.
-
-    The shortest (compressed) layers map slot ``s`` to position ``s``; longer (skipped) layers are
-    shifted as a whole so their relative positions, and so their attention, stay exact. Returns the
-    new cache and the position the next token gets."""
+    """Each kept key moved to a contiguous slot in storage order (StreamingLLM's pos-shift), and the
+    next token's position. Longer (skipped) layers shift as a whole, so their attention stays exact."""
     next_position = min(cache.lengths())
     moved = [_to_slots(k, p, next_position, model) for k, p in zip(cache.keys, cache.positions)]
     return KVCache([k for k, _ in moved], list(cache.values), [p for _, p in moved], cache.seq_len), next_position
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Metrics
-# ----------------------------------------------------------------------------------------------
+# ---- 6. Metrics -----------------------------------------------------------------------------------
 
 def _metrics_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -845,12 +763,11 @@ def _metrics_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Reference:
-    """The uncompressed model's logits ``(T, vocab)`` with the per-row terms ``token_metrics``
-    needs from them alone (log-sum-exp, ``sum p_ref * ref``, argmax), computed once, so every
-    configuration compared against the same reference (a sweep) reuses them."""
+    """The uncompressed logits ``(T, vocab)`` with their per-row terms for ``token_metrics``
+    (log-sum-exp, ``sum p_ref * ref``, argmax), computed once per sweep."""
     logits: torch.Tensor
     lse: torch.Tensor
-    self_dot: torch.Tensor   # sum over the vocabulary of p_ref * ref, per row
+    self_dot: torch.Tensor
     top1: torch.Tensor
 
     @classmethod
@@ -870,11 +787,9 @@ class Reference:
 
 def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | Reference,
                   chunk: int = 32) -> dict[str, torch.Tensor]:
-    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference.
-
-    Rows are processed in chunks, so memory stays at a few ``chunk x vocab`` blocks however long
-    the text (``KL = sum p_ref (ref - x) - lse(ref) + lse(x)`` needs one exp pass). Pass a
-    ``Reference`` to reuse its per-row terms across calls."""
+    """Per-token NLL, correctness, KL(reference || logits) and top-1 agreement with the reference,
+    in row chunks (memory: a few ``chunk x vocab`` blocks; ``KL = sum p_ref (ref - x) - lse(ref) +
+    lse(x)`` needs one exp pass)."""
     ref_all = ref_logits if isinstance(ref_logits, Reference) else Reference.of(ref_logits, chunk=chunk)
     dtype = _metrics_dtype(logits, ref_all.logits)
     if ref_all.lse.dtype != dtype:
@@ -897,9 +812,7 @@ def token_metrics(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Prefill evaluation (kvpress's protocol: compress once after the context)
-# ----------------------------------------------------------------------------------------------
+# ---- 7. Prefill evaluation (kvpress's protocol: compress once after the context) ------------------
 
 @dataclass
 class Prefill:
@@ -928,8 +841,8 @@ def _capture_layer_inputs(model: Any, store: dict[int, dict]) -> Iterator[None]:
 
 @torch.inference_mode()
 def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -> Prefill:
-    """One forward over ``input_ids``; returns the full cache (with original positions), the last
-    logits, and, with ``capture_hidden``, each attention layer's inputs (for kvpress presses)."""
+    """One forward: the full cache, the last logits and, with ``capture_hidden``, each attention
+    layer's inputs (kvpress presses)."""
     from transformers import DynamicCache
 
     input_ids = _check_ids(input_ids).to(model.device)
@@ -942,26 +855,8 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
                    store if capture_hidden else None)
 
 
-def _stack_padded(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """Stack ``(H_kv, S_l)`` tensors; layers shorter than the longest (compressed) end in NaN."""
-    longest = max(t.shape[-1] for t in per_layer)
-    return torch.stack([F.pad(t, (0, longest - t.shape[-1]), value=float("nan")) for t in per_layer])
-
-
-def key_norms(model_or_cache: Any, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Key L2 norms, float32, shape ``(layers, H_kv, positions)``, from a ``KVCache`` or by
-    prefilling ``input_ids``. RoPE rotates coordinate pairs, so these equal the pre-RoPE norms."""
-    cache = model_or_cache if isinstance(model_or_cache, KVCache) else prefill(model_or_cache, input_ids).cache
-    return _stack_padded([_norms(k)[0] for k in cache.keys])
-
-
-def value_norms(cache: KVCache) -> torch.Tensor:
-    """Value L2 norms, float32, ``(layers, H_kv, positions)`` (for contrast with key norms)."""
-    return _stack_padded([_norms(v)[0] for v in cache.values])
-
-
 def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[KVCache, int]:
-    """The cache to attend to and the position the next new token gets under ``position_mode``."""
+    """The cache to attend to and the next token's position under ``position_mode``."""
     _check_choice("position_mode", position_mode, POSITION_MODES)
     if position_mode == "rerotated":
         return rerotate_keys(cache, model)
@@ -971,11 +866,8 @@ def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[
 @torch.inference_mode()
 def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
                         position_mode: PositionMode = "absolute") -> torch.Tensor:
-    """Logits ``(T, vocab)`` for ``new_ids`` fed teacher-forced in one forward over ``cache``.
-
-    ``position_mode`` numbers the new tokens: ``absolute`` from ``cache.seq_len`` (true positions),
-    ``cache_relative`` from the compressed length (the bug), ``rerotated`` after the re-rotated
-    slots."""
+    """Logits ``(T, vocab)`` of ``new_ids`` fed teacher-forced in one forward over ``cache``,
+    numbered by ``position_mode`` (see the module docstring)."""
     cache, start = _numbered(cache, model, position_mode)
     t = new_ids.shape[-1]
     position_ids = torch.arange(start, start + t, device=model.device)[None]
@@ -992,8 +884,7 @@ def full_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
-    """The uncompressed model's perplexity on ``input_ids`` (tokens 1..n-1), one forward pass.
-    A baseline: it cannot depend on any compression setting."""
+    """The uncompressed model's perplexity on tokens 1..n-1: a baseline, not a compression result."""
     input_ids = _check_ids(input_ids).to(model.device)
     _check_vocab(model, input_ids)
     if input_ids.shape[1] < 2:
@@ -1025,9 +916,8 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
-    """Per-token metrics of one configuration. ``nll``, ``kl`` and friends hold one value per
-    scored token: tokens ``context_len+1 .. n-1``, each predicted by a query that attends to the
-    compressed cache."""
+    """Per-token metrics of one configuration, one value per scored token (prefill: tokens
+    ``context_len+1 .. n-1``; streaming: ``1 .. n-1``)."""
     config: EvalConfig
     nll: torch.Tensor
     correct: torch.Tensor
@@ -1037,7 +927,7 @@ class EvalResult:
     context_len: int
     cache_bytes: int
     meta: dict = field(default_factory=dict)
-    evictions: dict | None = None   # streaming: eviction step per (layer, KV head, token)
+    evictions: dict | None = None   # streaming: layer -> eviction step per (KV head, token)
 
     @property
     def ppl(self) -> float:
@@ -1087,9 +977,8 @@ def _progress(items: Iterable, desc: str, enabled: bool) -> Iterable:
 def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Tensor, cfg: EvalConfig,
              reference_logits: torch.Tensor | Reference,
              scores: list[torch.Tensor] | None = None) -> tuple[EvalResult, KVCache]:
-    """One configuration on one prefill: compress ``pre.cache``, feed ``new_ids`` teacher-forced,
-    score against ``targets`` and against ``reference_logits`` (the same forward on the full cache).
-    Returns the result and the compressed cache. ``scores``: the policy's scores of ``pre.cache``."""
+    """Compress ``pre.cache`` (``scores``: the policy's, if known), feed ``new_ids`` teacher-forced and
+    score against ``targets`` and ``reference_logits``; returns the result and the compressed cache."""
     cache = compress_cache(pre.cache, cfg.keep_ratio, cfg.policy, cfg.skip_layers, cfg.order,
                            PolicyOptions(cfg.seed, cfg.n_sink), pre.layer_inputs, scores)
     if _is_identity(cfg):
@@ -1106,14 +995,9 @@ def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Ten
 def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
           progress: bool = False, reference_logits: torch.Tensor | None = None,
           pre: Prefill | None = None) -> list[EvalResult]:
-    """Evaluate many configurations on one input with ONE prefill of the context.
-
-    Compression after prefill only reads the prefill's cache, so compressing a fresh copy per
-    configuration is exact; scores are computed once per policy and reused across keep_ratios.
-    ``reference_logits`` (the uncompressed continuation's logits, e.g. from an earlier sweep of the
-    same input) skips that forward: re-prefilling per configuration then costs exactly one prefill
-    and one continuation, which is how 04_quality_tradeoffs times the two paths. ``pre``: the
-    prefill of ``input_ids[:, :context_len]`` when the caller needs it too (its ``last_logits``)."""
+    """Many configurations on one input with ONE prefill (compression only reads the prefill's cache,
+    so this is exact); scores computed once per policy. ``reference_logits`` (the uncompressed
+    continuation's) skips that forward; ``pre``: the context's prefill, if the caller has it."""
     input_ids = _check_ids(input_ids)
     _check_context_len(context_len, input_ids.shape[1])
     if isinstance(configs, EvalConfig) or not all(isinstance(c, EvalConfig) for c in configs):
@@ -1145,16 +1029,13 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
 def prefill_ppl(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratio: float,
                 policy: str = "knorm", skip_layers: Sequence[int] = (0, 1), order: Order = "original",
                 position_mode: PositionMode = "absolute", seed: int = 0, n_sink: int = 4) -> EvalResult:
-    """kvpress's protocol (the write-up's "Method 2"): prefill ``context_len`` tokens, compress
-    the cache once, then score the rest teacher-forced in one forward pass. Metrics are against
-    the true next tokens and against the same forward on the uncompressed cache."""
+    """kvpress's protocol (the write-up's "Method 2"): prefill ``context_len`` tokens, compress once,
+    score the rest teacher-forced against the true tokens and the uncompressed cache's forward."""
     cfg = EvalConfig(keep_ratio, policy, _check_layer_list("skip_layers", skip_layers), order, position_mode, seed, n_sink)
     return sweep(model, input_ids, context_len, [cfg])[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Streaming evaluation (the paper's LM protocol, the write-up's "Method 1")
-# ----------------------------------------------------------------------------------------------
+# ---- 8. Streaming evaluation (the paper's LM protocol, the write-up's "Method 1") -----------------
 
 Engine = Literal["sequential", "one_pass"]
 
@@ -1176,13 +1057,10 @@ class StreamingConfig:
 
 def budget_schedule(n: int, keep_ratio: float | None = None, max_cache: int | None = None,
                     prune_after: int | None = None) -> torch.Tensor:
-    """``b[t]``: tokens each compressed layer retains after step ``t`` (``t = 0..n-1``).
-
-    ``max_cache=B``: ``min(t + 1, B)``; ``keep_ratio=r``: ``n_kept_for(t + 1, r)`` (per token).
-    ``keep_ratio=r, prune_after=P``: the reference code's bursts (``l2compress`` ``cache.l2_compress``
-    after every token): a layer holding ``L >= P`` entries drops to ``ceil(r * L)``, below ``P``
-    nothing goes, so the cache saw-tooths between about ``r * P`` and ``P`` and ``r`` is not the
-    fraction kept (see ``mean_kept_fraction``)."""
+    """``b[t]``: tokens each compressed layer retains after step ``t``. ``max_cache=B``: ``min(t + 1, B)``;
+    ``keep_ratio=r``: ``n_kept_for(t + 1, r)``; ``keep_ratio=r, prune_after=P``: the reference code's
+    bursts (``l2compress`` ``cache.l2_compress``): a layer holding ``L >= P`` entries drops to
+    ``ceil(r * L)``, so the cache saw-tooths between about ``r * P`` and ``P``."""
     if (keep_ratio is None) == (max_cache is None):
         raise ValueError(f"keep_ratio={keep_ratio!r}, max_cache={max_cache!r}: give exactly one budget")
     steps = torch.arange(1, n + 1)
@@ -1204,10 +1082,9 @@ def budget_schedule(n: int, keep_ratio: float | None = None, max_cache: int | No
 
 
 def eviction_steps(scores: torch.Tensor, budget: torch.Tensor, recent_window: int = 0) -> torch.Tensor:
-    """For scores ``(H, n)`` fixed once each token exists: the step at which each token is evicted
-    (``n`` if never), simulating "after adding token t, evict the lowest scores until ``budget[t]``
-    remain" with one heap per head, O(n log n). The ``recent_window`` newest tokens are evicted
-    only when the budget is smaller than the window, oldest first (``_protect_recent``)."""
+    """For scores ``(H, n)`` fixed once each token exists: the step each token is evicted at (``n``:
+    never), simulating "after token t, evict the lowest scores until ``budget[t]`` remain" with a
+    heap per head. The ``recent_window`` newest go only when the budget is below the window, oldest first."""
     import heapq
     from collections import deque
 
@@ -1230,8 +1107,7 @@ def eviction_steps(scores: torch.Tensor, budget: torch.Tensor, recent_window: in
 
 
 def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int, recent_window: int) -> torch.Tensor:
-    """``scores`` with the ``recent_window`` newest tokens (position > ``newest - recent_window``)
-    ranked above every other; among them the tie rule keeps the newest."""
+    """``scores`` with the ``recent_window`` newest tokens ranked above every other."""
     if not recent_window:
         return scores
     return torch.where(positions > newest - recent_window, torch.full_like(scores, float("inf")), scores)
@@ -1241,14 +1117,11 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int, 
 def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float, budget: torch.Tensor,
                            score_fn: ScoreFn, opts: PolicyOptions, layer_idx: int,
                            block: int = 256) -> torch.Tensor:
-    """Eviction steps ``(H_kv, n)`` for a policy that scores by attention received (H2O), from one
-    layer's queries ``(1, H_q, n, D)`` and keys ``(1, H_kv, n, D)``.
-
-    Exact, not an approximation: query ``t`` of this layer depends only on earlier layers, whose
-    retained sets are already fixed when this layer runs, so replaying the sequential engine's
-    steps here ("attend to the retained set plus yourself, add the attention to each token's mass,
-    then evict the lowest scores until ``budget[t]`` remain") takes the same decisions; ties go to
-    the oldest token (``keep_indices``'s tie rule). Costs a few small tensor ops per token."""
+    """Eviction steps ``(H_kv, n)`` for a policy scoring by attention received (H2O), from one layer's
+    queries ``(1, H_q, n, D)`` and keys ``(1, H_kv, n, D)``. Exact: query ``t`` depends only on
+    earlier layers, whose retained sets are already fixed, so replaying the sequential engine's
+    steps (attend, add the attention to each token's mass, evict the lowest until ``budget[t]``
+    remain, the oldest of equal scores first) takes the same decisions."""
     _, n_q_heads, n, _ = query.shape
     n_kv_heads = key.shape[1]
     groups = n_q_heads // n_kv_heads
@@ -1285,9 +1158,7 @@ def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float,
 
 
 def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive mask per KV head ``(H_kv, n, n)`` in ``dtype``: key ``j`` is visible to query ``t``
-    (0, else -inf) iff ``j <= t <= evict[j]`` (query t sees the set retained after step t-1, plus
-    itself)."""
+    """Additive mask per KV head ``(H_kv, n, n)``: key ``j`` visible to query ``t`` iff ``j <= t <= evict[j]``."""
     n_heads, n = evict.shape
     t = torch.arange(n, device=evict.device).view(1, n, 1)
     j = torch.arange(n, device=evict.device).view(1, 1, n)
@@ -1340,13 +1211,10 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
 @torch.inference_mode()
 def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
                        orders: Sequence[str], progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
-    """One token per forward; after each step every non-skipped layer is cut back to ``budget[t]``
-    per KV head. Under ``rerotated`` the kept keys are re-rotated (from their as-cached rotation, so
-    no rounding accumulates) to contiguous slots after every step, like StreamingLLM's pos-shift.
-
-    ``ids`` ``(B, n)``: B texts run as one batch, text ``b`` stored in ``orders[b]`` (everything
-    else is shared, so every layer holds the same length in every row): a decode step reads the
-    weights once for all of them. Returns logits ``(B, n, vocab)`` and each row's evictions."""
+    """One token per forward; after each step every non-skipped layer is cut back to ``budget[t]`` per
+    KV head (``rerotated``: kept keys re-rotated from their as-cached rotation, so no rounding
+    accumulates). ``ids`` ``(B, n)``: B texts as one batch, row ``b`` stored in ``orders[b]``.
+    Returns logits ``(B, n, vocab)`` and each row's evictions."""
     from transformers import DynamicCache
 
     _, score_fn, _ = resolve_policy(cfg.policy)
@@ -1412,7 +1280,7 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
                       order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
                       n_sink: int = 4, prune_after: int | None = None,
                       recent_window: int = 0) -> tuple[StreamingConfig, torch.Tensor]:
-    """The checked configuration of a streaming run over ``n`` tokens, and its budget schedule."""
+    """The checked configuration of a streaming run over ``n`` tokens and its budget schedule."""
     if n < 2:
         raise ValueError("input_ids: need at least two tokens")
     PolicyOptions(seed, n_sink)
@@ -1456,6 +1324,19 @@ def _nothing_evicted(budget: torch.Tensor) -> bool:
     return bool((budget == torch.arange(1, budget.numel() + 1)).all())
 
 
+def _run_engine(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
+                reference_logits: torch.Tensor | Reference | None, evict_override: dict | None = None,
+                progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Logits ``(n, vocab)`` and evictions of one text: the reference's when nothing is evicted."""
+    if _nothing_evicted(budget) and reference_logits is not None and evict_override is None:
+        logits = reference_logits.logits if isinstance(reference_logits, Reference) else reference_logits
+        return logits, {}
+    if cfg.engine == "one_pass":
+        return _stream_one_pass(model, ids, cfg, budget, evict_override)
+    logits, (evictions,) = _stream_sequential(model, ids, cfg, budget, [cfg.order], progress)
+    return logits[0], evictions
+
+
 def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", keep_ratio: float | None = None,
                   max_cache: int | None = None, skip_layers: Sequence[int] = (0, 1), engine: Engine | None = None,
                   order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
@@ -1464,47 +1345,31 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
                   evict_override: dict[int, torch.Tensor] | None = None) -> EvalResult:
     """Streaming protocol: every token is scored while the cache is compressed as it grows.
 
-    Semantics (both engines): token ``t`` is fed at its position; its query attends to the set
-    retained after step ``t-1`` plus itself; then each non-skipped layer keeps, per KV head, the
-    ``budget[t]`` best-scored tokens (``max_cache=B``: ``min(t+1, B)``; ``keep_ratio=r``:
-    ``n_kept_for(t+1, r)``, i.e. floor; ``keep_ratio=r, prune_after=P``: the reference code's
-    bursts, see ``budget_schedule``). Any token may go, including the one just added (as in the
-    paper's code), except that ``recent_window=w`` (score-fixed policies) keeps the ``w`` newest.
-    ``.meta["mean_kept_fraction"]``: the mean over steps of (tokens a compressed layer holds /
-    tokens seen), the effective compression to compare schedules at; ``"mean_cache_fraction"`` the
-    same over all layers (skipped ones hold everything); ``"final_cache_len"``: ``budget[n-1]``.
+    Token ``t`` attends to the set retained after step ``t-1`` plus itself; then each non-skipped
+    layer keeps, per KV head, the ``budget[t]`` best-scored tokens (``budget_schedule``), the token
+    just added included (as in the paper's code), except the ``recent_window`` newest (score-fixed
+    policies). ``.meta``: ``mean_kept_fraction`` (mean over steps of tokens a compressed layer holds
+    / tokens seen: the effective compression), ``mean_cache_fraction`` (over all layers),
+    ``final_cache_len``; ``.evictions``: per compressed layer ``(H_kv, n)``.
 
-    ``engine="one_pass"`` (default where it applies): the whole text is scored in ONE forward with a
-    per-layer mask. For policies whose score is fixed once the key exists (knorm, high_norm, random,
-    streaming) the eviction steps follow from the scores alone (a heap per KV head); for h2o they
-    are replayed inside each layer from its queries and keys (``dynamic_eviction_steps``), which is
-    exact because a layer's queries depend only on earlier layers. ``"sequential"``: one forward per
-    token (the reference; needed for ``position_mode="rerotated"``). ``.nll`` covers tokens
-    ``1..n-1``; KL and top-1 agreement compare with the uncompressed model on the same text
-    (pass ``reference_logits=full_logits(model, ids)`` to share that forward across calls;
-    ``streaming_sweep`` does).
-    ``.evictions`` holds each compressed layer's eviction steps ``(H_kv, n)``."""
+    ``engine="one_pass"`` (default where it applies) scores the text in ONE forward with a per-layer
+    mask: eviction steps from the scores (a heap per KV head), or replayed inside each layer for h2o
+    (``dynamic_eviction_steps``). ``"sequential"``: one forward per token, the reference (needed for
+    ``rerotated``). KL and top-1 agreement compare with ``reference_logits`` (default: computed)."""
     ids = _check_ids(input_ids)
     _check_vocab(model, ids)
     cfg, budget = _streaming_config(model, ids.shape[1], policy, keep_ratio, max_cache, skip_layers, engine, order,
                                     position_mode, seed, n_sink, prune_after, recent_window)
-    if _nothing_evicted(budget) and reference_logits is not None and evict_override is None:
-        logits, evictions = reference_logits, {}   # the uncompressed model's forward, already computed
-    elif cfg.engine == "one_pass":
-        logits, evictions = _stream_one_pass(model, ids, cfg, budget, evict_override)
-    else:
-        logits, (evictions,) = _stream_sequential(model, ids, cfg, budget, [cfg.order], progress)
-        logits = logits[0]
+    logits, evictions = _run_engine(model, ids, cfg, budget, reference_logits, evict_override, progress)
     ref_logits = reference_logits if reference_logits is not None else full_logits(model, ids)
     return _streaming_result(model, ids, cfg, budget, logits, evictions, ref_logits)
 
 
 def streaming_sweep(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor], configs: Sequence[dict[str, Any]],
                     progress: bool = False) -> list[EvalResult]:
-    """``streaming_ppl`` for each text and configuration (keyword dicts), text-major: ``input_ids``
-    is one text ``(1, n)`` or a list of texts of one length. Each text's reference forward is
-    shared by its configurations, and the sequential configurations that differ only in storage
-    order run as one batch over texts and orders (one forward per token for all of them: same
+    """``streaming_ppl`` for each text (one ``(1, n)`` tensor or a list of one length) and configuration
+    (keyword dicts), text-major. Each text's reference forward is shared, and sequential
+    configurations differing only in storage order run as one batch over texts and orders (same
     numbers up to float rounding, a fraction of the time)."""
     texts = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
     _require(bool(texts), "input_ids", input_ids, "a token tensor or a non-empty list of them")
@@ -1523,8 +1388,7 @@ def streaming_sweep(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor]
             batches.setdefault(replace(cfg, order="original"), []).append(c)
             continue
         for d, ids in enumerate(texts):
-            logits, evictions = ((references[d].logits, {}) if _nothing_evicted(budget)
-                                 else _stream_one_pass(model, ids, cfg, budget))
+            logits, evictions = _run_engine(model, ids, cfg, budget, references[d])
             results[d, c] = _streaming_result(model, ids, cfg, budget, logits, evictions, references[d])
     for members in _progress(list(batches.values()), "sequential batches", progress):
         cfg, budget = setups[members[0]]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import knorm_lib as kl
+from knorm_study.norm_distributions import key_norms
 
 
 @kl.register_policy("sink_random")
@@ -116,7 +117,7 @@ def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> A
 
     rows = []
     for corpus, doc in docs:
-        norms = kl.key_norms(model, doc.input_ids).cpu()          # (layers, H_kv, n)
+        norms = key_norms(kl.prefill(model, doc.input_ids).cache).cpu()  # (layers, H_kv, n)
         received = attention_received(model, doc.input_ids).cpu()  # (layers, H_kv, n), causal mean
         stop = int(0.9 * norms.shape[-1])
         for layer in range(norms.shape[0]):

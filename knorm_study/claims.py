@@ -2,9 +2,8 @@
 starts from and of the study itself, each measured under the protocol it names, with the number,
 its interval and n, and a verdict computed from them: "holds", "fails" or "not resolved" (at this n).
 
-Two sources. The ledger measures the language-modelling claims itself, on more documents at
-shorter contexts than notebook 04 (``prefill_rows``, ``streaming_rows``), and compares per
-document: each document's log perplexity against its own full cache, or two policies on the same
+Two sources. The ledger measures the language-modelling claims itself (``prefill_rows``,
+``streaming_rows``) and compares per document: each document's log perplexity against its own full cache, or two policies on the same
 document, with a bootstrap over documents (``intervals.paired_bootstrap``; fewer than
 ``intervals.MIN_BOOTSTRAP_UNITS`` documents resolve nothing). The other rows are read from the
 recorded results of notebooks 02, 03, 05 and 06 for the same model and profile."""
@@ -16,7 +15,7 @@ import math
 from typing import Any, Sequence
 
 import knorm_lib as kl
-from knorm_study import attention, intervals, runtime
+from knorm_study import attention, intervals, quality, runtime
 from knorm_study.intervals import enough, negative, positive
 
 VERDICTS = ("holds", "fails", "not resolved", "not measured")
@@ -46,18 +45,13 @@ def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], keep
                    skip_layers: Sequence[int]) -> list[dict[str, Any]]:
     """The streaming protocol on every document: the full cache, knorm cut back after every token
     (this study's schedule) and knorm in the reference code's bursts (``prune_after``), both at
-    ``keep_ratio`` (one ``kl.streaming_sweep`` per document)."""
+    ``keep_ratio`` (``quality.streaming_records``)."""
     skip = tuple(skip_layers)
-    configs = {"full cache": dict(policy="knorm", keep_ratio=1.0, skip_layers=skip),
-               "knorm per token": dict(policy="knorm", keep_ratio=keep_ratio, skip_layers=skip),
-               f"knorm burst P={prune_after}": dict(policy="knorm", keep_ratio=keep_ratio, prune_after=prune_after,
-                                                    skip_layers=skip)}
-    rows = []
-    for corpus, doc in docs:
-        for label, res in zip(configs, kl.streaming_sweep(model, doc.input_ids, list(configs.values()))):
-            rows.append({"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label,
-                         **res.summary()})
-    return rows
+    return quality.streaming_records(model, docs, [
+        ("full cache", dict(policy="knorm", keep_ratio=1.0, skip_layers=skip)),
+        ("knorm per token", dict(policy="knorm", keep_ratio=keep_ratio, skip_layers=skip)),
+        (f"knorm burst P={prune_after}", dict(policy="knorm", keep_ratio=keep_ratio, prune_after=prune_after,
+                                             skip_layers=skip))])[0]
 
 
 # ---- verdict rules ----

@@ -42,6 +42,17 @@ def token_kinds(tokenizer: Any, input_ids: torch.Tensor) -> list[str]:
     return kinds
 
 
+def key_norms(cache: kl.KVCache) -> torch.Tensor:
+    """Key L2 norms of an uncompressed cache, float32, ``(layers, H_kv, positions)``. RoPE rotates
+    coordinate pairs, so these equal the pre-RoPE norms."""
+    return torch.stack([k.float().norm(dim=-1)[0] for k in cache.keys])
+
+
+def value_norms(cache: kl.KVCache) -> torch.Tensor:
+    """Value L2 norms of an uncompressed cache, float32, ``(layers, H_kv, positions)``."""
+    return torch.stack([v.float().norm(dim=-1)[0] for v in cache.values])
+
+
 def norm_table(model: Any, tokenizer: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> Any:
     """One prefill per ``(corpus, document)``: a pandas DataFrame with one row per (document, layer,
     KV head, position) and the columns ``key_norm``, ``value_norm``, ``corpus``, ``document``, ``kind``."""
@@ -51,7 +62,7 @@ def norm_table(model: Any, tokenizer: Any, docs: Sequence[tuple[str, kl.Tokenize
     frames = []
     for corpus, doc in docs:
         cache = kl.prefill(model, doc.input_ids).cache
-        kn, vn = kl.key_norms(cache).cpu(), kl.value_norms(cache).cpu()   # (layers, H_kv, positions)
+        kn, vn = key_norms(cache).cpu(), value_norms(cache).cpu()   # (layers, H_kv, positions)
         kinds = token_kinds(tokenizer, doc.input_ids)
         n_layers, n_heads, n = kn.shape
         idx = pd.MultiIndex.from_product([range(n_layers), range(n_heads), range(n)],

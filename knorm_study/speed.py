@@ -18,6 +18,30 @@ import knorm_lib as kl
 from knorm_study import decode
 
 
+def random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 **config: Any) -> Any:
+    """A random-weight Llama built from a config (no download), with knorm_lib's attention function.
+
+    Defaults give a tiny model for tests (4 layers, 4 query heads, 2 KV heads, head_dim 16);
+    pass e.g. ``num_hidden_layers=32, hidden_size=4096, ...`` for a speed study at real shapes
+    (speed does not depend on the weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kl._register_attention()
+    defaults = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                    rope_theta=10_000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**defaults, **config})
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        model = LlamaForCausalLM(cfg).to(dtype=dtype)
+    else:   # initialised on the card: seconds instead of a minute for real shapes (other random weights)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype=dtype)
+    return model.eval()
+
+
 def _sync(device: Any) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously); nothing on a CPU.
     Every timing in this module brackets its clock with it."""
@@ -300,7 +324,7 @@ def _cold_child(t_start: float) -> None:
     spec = json.loads(sys.stdin.read())
     t_import = time.perf_counter()
     if spec["model_config"] is not None:
-        model = kl.random_llama(seed=0, dtype=getattr(torch, spec["dtype"]), device=spec["device"], **spec["model_config"])
+        model = random_llama(seed=0, dtype=getattr(torch, spec["dtype"]), device=spec["device"], **spec["model_config"])
     else:
         model, _ = kl.load_model(spec["model_name"], device=spec["device"], dtype=spec["dtype"])
     ids = torch.tensor([spec["input_ids"]])
@@ -371,7 +395,7 @@ def load(model_name: str | None, model_config: dict[str, Any] | None, device: st
         return model, tokenizer, None, str(model.device)
     model_config = {"max_position_embeddings": max_len, **model_config}
     device = ("cuda" if on_cuda else "cpu") if device == "auto" else device
-    model = kl.random_llama(seed=0, dtype=getattr(torch, dtype), device=device, **model_config)
+    model = random_llama(seed=0, dtype=getattr(torch, dtype), device=device, **model_config)
     return model, None, model_config, str(model.device)
 
 
@@ -547,7 +571,7 @@ def step_overhead(model: Any, device: str, n_steps: int = 32) -> float:
     """The fixed cost of a decode step (Python and operator dispatch): median step of a
     random-weight model with the same layers and heads but tiny widths, at a 16-token context."""
     cfg = model.config
-    tiny = kl.random_llama(seed=0, dtype=model.dtype, device=device, num_hidden_layers=cfg.num_hidden_layers,
+    tiny = random_llama(seed=0, dtype=model.dtype, device=device, num_hidden_layers=cfg.num_hidden_layers,
                            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                            head_dim=8, hidden_size=8 * cfg.num_attention_heads, intermediate_size=16, vocab_size=256)
     pre = kl.prefill(tiny, torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0)))

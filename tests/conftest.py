@@ -31,6 +31,7 @@ sys.path.insert(0, str(PROJECT_ROOT / "scripts"))          # the scripts the tes
 
 import knorm_lib as kl  # noqa: E402
 from helpers import N_TOKENS, random_ids  # noqa: E402
+from knorm_study.speed import random_llama  # noqa: E402
 
 # Small CPU ops pay OpenMP barrier costs on every call; on a small (often shared) machine one
 # thread is many times faster for this suite's tiny models, and about as fast for the 135M one.
@@ -42,12 +43,12 @@ REAL_N_TOKENS = 300
 
 @pytest.fixture(scope="session")
 def tiny64():
-    return kl.random_llama(seed=0, dtype=torch.float64, initializer_range=TINY_INIT)
+    return random_llama(seed=0, dtype=torch.float64, initializer_range=TINY_INIT)
 
 
 @pytest.fixture(scope="session")
 def tiny32():
-    return kl.random_llama(seed=0, dtype=torch.float32, initializer_range=TINY_INIT)
+    return random_llama(seed=0, dtype=torch.float32, initializer_range=TINY_INIT)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 import knorm_lib as kl
+from helpers import HEAD_DIM, N_KV_HEADS, N_LAYERS, N_TOKENS
 from knorm_study import norm_distributions
 
 
@@ -18,3 +21,29 @@ def test_token_kinds(real_model):
     assert any(k == "newline" for k in kinds)
     assert set(kinds) <= set(norm_distributions.TOKEN_KINDS)
 
+
+def test_key_norms_equal_pre_rope_norms(tiny64, ids):
+    """RoPE rotates coordinate pairs, so a key's L2 norm is the same before and after it: the
+    norms KnormPress ranks by (post-RoPE, from the cache) are the pre-RoPE norms. Also checks
+    key_norms' shape (layers, H_kv, S) and float32 dtype."""
+    captured = {}
+
+    def hook(layer_idx):
+        def fn(module, args, output):
+            b, s, _ = output.shape
+            captured[layer_idx] = output.view(b, s, N_KV_HEADS, HEAD_DIM).transpose(1, 2)
+        return fn
+
+    handles = [layer.self_attn.k_proj.register_forward_hook(hook(i)) for i, layer in enumerate(tiny64.model.layers)]
+    try:
+        norms = norm_distributions.key_norms(kl.prefill(tiny64, ids).cache)
+    finally:
+        for h in handles:
+            h.remove()
+    assert norms.shape == (N_LAYERS, N_KV_HEADS, N_TOKENS)
+    assert norms.dtype == torch.float32
+    pre_rope = torch.stack([captured[i][0].norm(dim=-1) for i in range(N_LAYERS)])
+    torch.testing.assert_close(norms.double(), pre_rope, rtol=1e-5, atol=1e-5)
+    # RoPE really was applied to the cached keys (else the test would be vacuous)
+    post_rope = kl.prefill(tiny64, ids).cache.keys[2]
+    assert not torch.allclose(post_rope, captured[2])

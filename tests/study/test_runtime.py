@@ -12,7 +12,7 @@ import pytest
 
 import knorm_lib as kl
 from helpers import ROOT
-from knorm_study import runtime
+from knorm_study import runtime, speed
 
 
 def test_write_json_atomic(tmp_path):
@@ -85,7 +85,7 @@ def test_figures_appear_only_with_their_results(tmp_path, monkeypatch):
     assert final.exists() and (tmp_path / "results" / "99_test" / "full.json").exists()
     assert runtime._PENDING_FIGURES.get("99_test") is None
     # any model but the embedded one: results and figures under its slug, the committed ones untouched
-    model = kl.random_llama(seed=0)
+    model = speed.random_llama(seed=0)
     runtime.save_figure(fig, "99_test", "line", "full")
     plt.close(fig)
     path = runtime.record_results("99_test", "full", {"profile": "full"}, {"x": 2}, model)

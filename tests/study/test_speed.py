@@ -13,12 +13,12 @@ from knorm_study import decode, speed
 
 def test_weight_bytes_counts_tied_weights_once():
     """Decode streams every weight once per step: a tied embedding / lm_head is one tensor."""
-    tied = kl.random_llama(seed=0, tie_word_embeddings=True)
-    untied = kl.random_llama(seed=0, tie_word_embeddings=False)
+    tied = speed.random_llama(seed=0, tie_word_embeddings=True)
+    untied = speed.random_llama(seed=0, tie_word_embeddings=False)
     assert speed.weight_bytes(untied) == sum(p.numel() * 4 for p in untied.parameters())
     embed = tied.config.vocab_size * tied.config.hidden_size * 4
     assert speed.weight_bytes(tied) == speed.weight_bytes(untied) - embed
-    assert speed.weight_bytes(kl.random_llama(seed=0, dtype=torch.bfloat16)) * 2 == speed.weight_bytes(untied)
+    assert speed.weight_bytes(speed.random_llama(seed=0, dtype=torch.bfloat16)) * 2 == speed.weight_bytes(untied)
 
 
 def test_peak_memory_sees_an_allocation():
@@ -118,7 +118,7 @@ def test_cold_warm_ttft_runs_in_a_fresh_process(ids):
 
 def test_kv_bytes_bookkeeping_matches_the_tensors():
     """kv_bytes_per_token (one layer) and kv_bytes_expected agree with the compressed cache's bytes."""
-    model = kl.random_llama(seed=0)
+    model = speed.random_llama(seed=0)
     cfg = model.config
     assert speed.kv_bytes_per_token(model) == 2 * cfg.num_key_value_heads * kl._head_dim(model) * 4
     shape = speed.model_shape(model)
