@@ -2,11 +2,11 @@
 starts from and of the study itself, each measured under the protocol it names, with the number,
 its interval and n, and a verdict computed from them: "holds", "fails" or "not resolved" (at this n).
 
-Two sources. The ledger measures the language-modelling claims itself (``prefill_rows``,
-``streaming_rows``) and compares per document: each document's log perplexity against its own full cache, or two policies on the same
+Every row is read from the recorded results of notebooks 02 to 06 for the same model and profile.
+The language-modelling claims (``lm_rows``: 04's documents and configurations) compare per
+document: each document's log perplexity against its own full cache, or two policies on the same
 document, with a bootstrap over documents (``intervals.paired_bootstrap``; fewer than
-``intervals.MIN_BOOTSTRAP_UNITS`` documents resolve nothing). The other rows are read from the
-recorded results of notebooks 02, 03, 05 and 06 for the same model and profile."""
+``intervals.MIN_BOOTSTRAP_UNITS`` documents resolve nothing)."""
 
 from __future__ import annotations
 
@@ -15,43 +15,39 @@ import math
 from typing import Any, Sequence
 
 import knorm_lib as kl
-from knorm_study import attention, intervals, quality, runtime
+from knorm_study import attention, intervals, runtime
 from knorm_study.intervals import enough, negative, positive
 
 VERDICTS = ("holds", "fails", "not resolved", "not measured")
 PPL_TOLERANCE = 0.05   # "barely moves perplexity": the mean increase stays within 5 %
 MEMORY_MATCH = 0.02    # two schedules keep "no more memory" when their kept fractions differ by less
-SOURCES = {"02": "02_attention_correlation", "03": "03_position_order_ppl", "05": "05_passkey_retrieval",
-           "06": "06_speed_tradeoffs"}
+SOURCES = {"02": "02_attention_correlation", "03": "03_position_order_ppl", "04": "04_quality_tradeoffs",
+           "05": "05_passkey_retrieval", "06": "06_speed_tradeoffs"}
 
 
-# ---- the ledger's own measurements ----
+# ---- the language-modelling rows, from 04's record ----
 
-def prefill_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], context_len: int, keep_ratio: float,
-                 skip_layers: Sequence[int]) -> list[dict[str, Any]]:
-    """kvpress's protocol on every document: the full cache, then knorm, random and high_norm at
-    ``keep_ratio`` (one ``kl.sweep`` per document)."""
-    configs = [kl.EvalConfig(1.0, "knorm", tuple(skip_layers))] + [
-        kl.EvalConfig(keep_ratio, p, tuple(skip_layers)) for p in ("knorm", "random", "high_norm")]
-    rows = []
-    for corpus, doc in docs:
-        for cfg, res in zip(configs, kl.sweep(model, doc.input_ids, context_len, configs)):
-            rows.append({"protocol": "prefill", "corpus": corpus, "document": doc.title,
-                         "variant": "full cache" if cfg.keep_ratio == 1.0 else cfg.policy, **res.summary()})
-    return rows
+def lm_rows(rec04: dict[str, Any], keep_ratio: float, prune_after: int | None = None) -> dict[str, Any]:
+    """The rows the language-modelling claims rest on, taken from 04's recorded results (so the
+    ledger and 04 can never disagree): prefill, the full cache and knorm, random and high_norm at
+    ``keep_ratio``; streaming, the full cache, knorm cut back after every token and knorm in the
+    reference code's bursts (``prune_after``: one of 04's, default its first), at ``keep_ratio``."""
+    p, r = rec04["parameters"], rec04["results"]
+    sizes = p["sizes"]
+    prune_after = sizes["prune_afters"][0] if prune_after is None else prune_after
+    kl._require(keep_ratio in p["keep_ratios"] and keep_ratio in p["schedule_keep_ratios"], "keep_ratio", keep_ratio,
+                f"one of 04's keep_ratios {p['keep_ratios']} that its schedules also run ({p['schedule_keep_ratios']})")
+    kl._require(prune_after in sizes["prune_afters"], "prune_after", prune_after, f"one of 04's {sizes['prune_afters']}")
 
+    def take(rows: Sequence[dict[str, Any]], protocol: str, variant: str, label: str | None = None) -> list[dict]:
+        return [{**x, "variant": label or variant} for x in rows if x["protocol"] == protocol
+                and x["variant"] == variant and (variant == "full cache" or x["keep_ratio"] == keep_ratio)]
 
-def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], keep_ratio: float, prune_after: int,
-                   skip_layers: Sequence[int]) -> list[dict[str, Any]]:
-    """The streaming protocol on every document: the full cache, knorm cut back after every token
-    (this study's schedule) and knorm in the reference code's bursts (``prune_after``), both at
-    ``keep_ratio`` (``quality.streaming_records``)."""
-    skip = tuple(skip_layers)
-    return quality.streaming_records(model, docs, [
-        ("full cache", dict(policy="knorm", keep_ratio=1.0, skip_layers=skip)),
-        ("knorm per token", dict(policy="knorm", keep_ratio=keep_ratio, skip_layers=skip)),
-        (f"knorm burst P={prune_after}", dict(policy="knorm", keep_ratio=keep_ratio, prune_after=prune_after,
-                                             skip_layers=skip))])[0]
+    prefill = [x for v in ("full cache", "knorm", "random", "high_norm") for x in take(r["rows"], "prefill", v)]
+    streaming = (take(r["rows"], "streaming", "full cache") + take(r["rows"], "streaming", "knorm", "knorm per token")
+                 + take(r["schedule_rows"], "streaming", f"knorm burst P={prune_after}"))
+    return {"prefill": prefill, "streaming": streaming, "keep_ratio": keep_ratio, "prune_after": prune_after,
+            "skip_layers": p["skip_layers"], "sizes": sizes}
 
 
 # ---- verdict rules ----
@@ -107,8 +103,11 @@ def _missing(claim: str, source: str, notebook: str) -> dict[str, Any]:
     return _row(claim, source, "—", f"run {notebook} first (same model and profile)", 0, "not measured")
 
 
-def lm_claims(own: dict[str, Any]) -> list[dict[str, Any]]:
-    """The paper's language-modelling claims from the ledger's own rows."""
+def lm_claims(own: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The language-modelling claims from ``lm_rows`` (``None``: 04 has not been run)."""
+    if own is None:
+        return [_missing("Evicting KV cache entries by key norm barely moves perplexity", "paper (abstract)",
+                         SOURCES["04"])]
     p, s, sizes = own["prefill"], own["streaming"], own["sizes"]
     r, burst = own["keep_ratio"], f"knorm burst P={own['prune_after']}"
     frac = lambda variant: next(x["mean_kept_fraction"] for x in s if x["variant"] == variant)
@@ -223,9 +222,8 @@ def writeup_claims(rec03: dict[str, Any] | None, rec06: dict[str, Any] | None) -
     return rows
 
 
-def ledger(own: dict[str, Any], records: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """Every claim's row: the language-modelling claims measured here, then the others read from
-    the recorded results."""
+def ledger(own: dict[str, Any] | None, records: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Every claim's row: the language-modelling claims (``lm_rows``), then the others."""
     return (lm_claims(own) + attention_claims(records["02"]) + passkey_claims(records["05"])
             + writeup_claims(records["03"], records["06"]))
 

@@ -166,11 +166,13 @@ def streaming_rows(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], vari
     return run_streaming(model, docs, labelled)
 
 
-def streaming_records(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
-                      labelled: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[float]]:
+def run_streaming(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
+                  labelled: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, list[float]]:
     """One ``kl.streaming_sweep`` of the ``(label, streaming_ppl keywords)`` configurations per
-    document: a record per document and configuration (``variant``: its label; with
+    document: a DataFrame with a row per document and configuration (``variant``: its label; with
     ``mean_kept_fraction``), and the seconds per document."""
+    import pandas as pd
+
     rows, seconds = [], []
     for corpus, doc in docs:
         t0 = time.perf_counter()
@@ -178,15 +180,6 @@ def streaming_records(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
         seconds.append(time.perf_counter() - t0)
         rows += [{"protocol": "streaming", "corpus": corpus, "document": doc.title, "variant": label, **res.summary()}
                  for (label, _), res in zip(labelled, results)]
-    return rows, seconds
-
-
-def run_streaming(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]],
-                  labelled: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, list[float]]:
-    """``streaming_records`` as a DataFrame, and the seconds per document."""
-    import pandas as pd
-
-    rows, seconds = streaming_records(model, docs, labelled)
     return pd.DataFrame(rows), seconds
 
 

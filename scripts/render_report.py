@@ -423,9 +423,9 @@ def section_07(res: dict) -> tuple[str, str]:
 
 Each claim measured under the protocol it names; verdicts are computed from the numbers (holds / fails / not
 resolved at this n; perplexity claims by a bootstrap over documents, passkey claims by Wilson intervals). The
-language-modelling rows are measured by notebook 07 itself: prefill protocol on {n_pre} documents
-({sizes['context_len']} + {sizes['continuation_len']} tokens), streaming protocol on {n_str} documents
-({sizes['stream_tokens']} tokens). The others are read from notebooks 02, 03, 05 and 06.
+language-modelling rows are notebook 04's: prefill protocol on {n_pre} documents ({sizes['context_len']} +
+{sizes['continuation_len']} tokens), streaming protocol on {n_str} documents ({sizes['stream_tokens']} tokens).
+The others are read from notebooks 02, 03, 05 and 06.
 
 {claims.ledger_markdown(r['ledger'])}
 """

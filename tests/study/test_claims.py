@@ -63,6 +63,43 @@ def test_ledger_from_constructed_rows_and_missing_records():
     assert "| **holds** |" in claims.ledger_markdown(rows)
 
 
+def _record04():
+    rows, schedule = [], []
+    for doc in ("a", "b"):
+        rows.append({"protocol": "prefill", "document": doc, "variant": "full cache", "keep_ratio": 1.0, "ppl": 10.0})
+        rows.append({"protocol": "streaming", "document": doc, "variant": "full cache", "keep_ratio": 1.0, "ppl": 9.0})
+        for r in (0.5, 0.25):
+            for v in ("knorm", "random", "high_norm", "snapkv"):
+                rows.append({"protocol": "prefill", "document": doc, "variant": v, "keep_ratio": r, "ppl": 11.0})
+            for v in ("knorm", "h2o"):
+                rows.append({"protocol": "streaming", "document": doc, "variant": v, "keep_ratio": r, "ppl": 12.0})
+            for p in (16, 32):
+                schedule.append({"protocol": "streaming", "document": doc, "variant": f"knorm burst P={p}",
+                                 "keep_ratio": r, "ppl": 13.0, "prune_after": float(p)})
+    return {"parameters": {"keep_ratios": [1.0, 0.5, 0.25], "schedule_keep_ratios": [0.5, 0.25], "skip_layers": [0, 1],
+                           "sizes": {"prune_afters": [16, 32], "context_len": 64, "continuation_len": 16,
+                                     "stream_tokens": 96}},
+            "results": {"rows": rows, "schedule_rows": schedule}}
+
+
+def test_lm_rows_are_04s_rows_at_the_chosen_setting():
+    """The ledger's perplexity rows are exactly 04's rows at keep_ratio (and the chosen burst), relabelled;
+    a setting 04 did not run is an error naming the parameter; no 04 record gives a "not measured" row."""
+    own = claims.lm_rows(_record04(), 0.25, 32)
+    assert [(x["document"], x["variant"]) for x in own["prefill"]] == [
+        (d, v) for v in ("full cache", "knorm", "random", "high_norm") for d in ("a", "b")]
+    assert all(x["keep_ratio"] == 0.25 for x in own["prefill"] + own["streaming"] if x["variant"] != "full cache")
+    assert sorted({x["variant"] for x in own["streaming"]}) == ["full cache", "knorm burst P=32", "knorm per token"]
+    assert own["prune_after"] == 32 and own["sizes"]["stream_tokens"] == 96
+    assert claims.lm_rows(_record04(), 0.5)["prune_after"] == 16   # default: 04's first
+    with pytest.raises(ValueError, match="keep_ratio"):
+        claims.lm_rows(_record04(), 0.75)
+    with pytest.raises(ValueError, match="prune_after"):
+        claims.lm_rows(_record04(), 0.5, 64)
+    missing = claims.ledger(None, {k: None for k in claims.SOURCES})
+    assert "04_quality_tradeoffs" in missing[0]["measured"] and missing[0]["verdict"] == "not measured"
+
+
 def test_headline_counts_the_verdicts():
     rows = claims.ledger(_own(6, burst_ppl=10.2), {k: None for k in claims.SOURCES})
     line = claims.headline({"results": {"ledger": rows}, "identity": {}})
