@@ -419,12 +419,14 @@ def section_07(res: dict) -> tuple[str, str]:
     r, sizes = res["results"], res["parameters"]["sizes"]
     n_pre = len({x["document"] for x in r["prefill_rows"]})
     n_str = len({x["document"] for x in r["streaming_rows"]})
+    lm = (f"prefill protocol on {n_pre} documents ({sizes['context_len']} + {sizes['continuation_len']} tokens), "
+          f"streaming protocol on {n_str} documents ({sizes['stream_tokens']} tokens)" if sizes
+          else "not measured (04 was not run for this model and profile)")
     body = f"""## 07 · The claims ledger
 
 Each claim measured under the protocol it names; verdicts are computed from the numbers (holds / fails / not
 resolved at this n; perplexity claims by a bootstrap over documents, passkey claims by Wilson intervals). The
-language-modelling rows are notebook 04's: prefill protocol on {n_pre} documents ({sizes['context_len']} +
-{sizes['continuation_len']} tokens), streaming protocol on {n_str} documents ({sizes['stream_tokens']} tokens).
+language-modelling rows are notebook 04's: {lm}.
 The others are read from notebooks 02, 03, 05 and 06.
 
 {claims.ledger_markdown(r['ledger'])}

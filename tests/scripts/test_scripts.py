@@ -144,6 +144,15 @@ def test_report_sections_render_from_the_committed_results(notebook):
 
 
 
+def test_ledger_section_renders_without_04():
+    """A ledger recorded before 04 ran (no perplexity rows, no sizes) renders, saying so."""
+    record = render_report.load("07_paper_claims", "full")
+    record = {**record, "parameters": {**record["parameters"], "sizes": None},
+              "results": {**record["results"], "prefill_rows": [], "streaming_rows": []}}
+    body, _ = render_report.section_07(record)
+    assert "not measured (04 was not run" in body
+
+
 def test_report_renders_another_models_results(tmp_path):
     """--model SLUG renders that model's results (under <results>/<notebook>/<slug>/) into its own
     file, named after the model, and leaves README.md alone."""
