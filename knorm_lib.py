@@ -43,7 +43,7 @@ __all__ = [
     "Document", "TokenizedDoc", "CORPORA", "load_corpus", "verified_corpus_path", "file_sha256", "encode",
     "long_documents",
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
-    "resolve_policy",
+    "resolve_policy", "check_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "Reference", "token_metrics",
     "Prefill", "prefill", "continuation_logits", "full_logits", "full_ppl",
@@ -613,6 +613,21 @@ def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
     raise ValueError(f"policy={policy!r}: expected a policy name or a kvpress ScorerPress instance")
 
 
+def check_policy(name: str, policy: Any, protocol: Literal["prefill", "streaming"]) -> None:
+    """``policy`` (argument ``name``) is a name ``protocol`` can run: prefill takes the policies whose
+    score is fixed once the key exists and the kvpress presses; streaming, the registered policies
+    (the dynamic ones, h2o, included)."""
+    _require(isinstance(policy, str), name, policy, "a policy name")
+    if policy not in POLICIES and policy not in KVPRESS_POLICIES:
+        raise ValueError(f"{name}={policy!r}: unknown; choose one of {sorted(POLICIES) + sorted(KVPRESS_POLICIES)}")
+    if protocol == "prefill":
+        _require(policy not in DYNAMIC_POLICIES, name, policy, "a policy whose score is fixed once the key exists; "
+                 f"{policy} is dynamic (it needs the attention each token received so far): streaming protocol only")
+    else:
+        _require(policy in POLICIES, name, policy, f"one of {sorted(POLICIES)} (kvpress presses score the "
+                 "prefill's hidden states: prefill protocol only)")
+
+
 # ---- 5. Compression -------------------------------------------------------------------------------
 
 def n_kept_for(n: int, keep_ratio: float) -> int:
@@ -905,9 +920,7 @@ class EvalConfig:
 
     def validate(self, n_layers: int) -> None:
         _check_keep_ratio(self.keep_ratio)
-        if self.policy not in POLICIES and self.policy not in KVPRESS_POLICIES:
-            raise ValueError(f"policy={self.policy!r}: unknown; choose one of "
-                             f"{sorted(POLICIES) + sorted(KVPRESS_POLICIES)}")
+        check_policy("policy", self.policy, "prefill")
         _check_skip_layers(self.skip_layers, n_layers)
         _check_choice("order", self.order, ORDERS)
         _check_choice("position_mode", self.position_mode, POSITION_MODES)
@@ -1284,9 +1297,7 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
     if n < 2:
         raise ValueError("input_ids: need at least two tokens")
     PolicyOptions(seed, n_sink)
-    resolve_policy(policy)
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r}: streaming supports {sorted(POLICIES)}")
+    check_policy("policy", policy, "streaming")
     skip = tuple(sorted(_check_skip_layers(skip_layers, _n_layers(model))))
     _check_choice("order", order, ORDERS)
     _check_choice("position_mode", position_mode, POSITION_MODES)

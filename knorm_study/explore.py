@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 import knorm_lib as kl
-from knorm_study import decode, quality, runtime
+from knorm_study import decode, quality
 
 
 def default_text() -> str:
@@ -52,7 +52,6 @@ class Explorer:
         step = Explorer.KEEP_RATIO_STEP
         kl._require(abs(keep_ratio / step - round(keep_ratio / step)) < 1e-9, "keep_ratio", keep_ratio,
                  f"on the slider's grid: a multiple of {step} in [{step}, 1]")
-        runtime._check_prefill_policy("policy", policy)
         kl._require(isinstance(layer, int) and 0 <= layer < kl._n_layers(model), "layer", layer,
                  f"a layer index 0..{kl._n_layers(model) - 1}")
         n_kv = model.config.num_key_value_heads

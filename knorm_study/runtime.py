@@ -37,25 +37,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _check_prefill_policy(name: str, policy: Any) -> None:
-    kl.resolve_policy(policy)
-    kl._require(policy not in kl.DYNAMIC_POLICIES, name, policy,
-             "a policy whose score is fixed once the key exists; h2o is dynamic: streaming protocol only")
-
-
 PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "profile": lambda n, v: kl._check_choice(n, v, PROFILES),
     "model_name": lambda n, v: kl._require(v is None or isinstance(v, str), n, v,
                                         "None (embedded model) or a Hugging Face id / local path"),
     "device": lambda n, v: kl._check_device(v),
     "keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
-    "policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
-    "streaming_policies": lambda n, v: kl._check_list(n, v, lambda p: kl._check_choice(n, p, tuple(kl.POLICIES))),
+    "policies": lambda n, v: kl._check_list(n, v, lambda p: kl.check_policy(n, p, "prefill")),
+    "streaming_policies": lambda n, v: kl._check_list(n, v, lambda p: kl.check_policy(n, p, "streaming")),
     "corpora": lambda n, v: kl._check_list(n, v, lambda c: kl._check_choice(n, c, kl.CORPORA)),
     "position_modes": lambda n, v: kl._check_list(n, v, lambda m: kl._check_choice(n, m, kl.POSITION_MODES)),
     "orders": lambda n, v: kl._check_list(n, v, lambda o: kl._check_choice(n, o, kl.ORDERS)),
     "keep_ratio": lambda n, v: kl._check_keep_ratio(v) and None,
-    "policy": _check_prefill_policy,
+    "policy": lambda n, v: kl.check_policy(n, v, "prefill"),
     "skip_layers": lambda n, v: kl._require(isinstance(v, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in v),
                                          n, v, "a list of layer indices"),
     "position_mode": lambda n, v: kl._check_choice(n, v, kl.POSITION_MODES),
@@ -66,7 +60,7 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "matched_fractions": lambda n, v: v is None or kl._check_list(
         n, v, lambda f: kl._require(isinstance(f, (int, float)) and 0 < f < 1, n, v, "fractions in (0, 1)")),
     "prune_after": lambda n, v: v is None or kl._positive_int(n, v),
-    "protocol_policies": lambda n, v: kl._check_list(n, v, lambda p: _check_prefill_policy(n, p)),
+    "protocol_policies": lambda n, v: kl._check_list(n, v, lambda p: kl.check_policy(n, p, "prefill")),
     "protocol_keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
     "protocol_context": lambda n, v: v is None or kl._positive_int(n, v),
     "protocol_seeds": lambda n, v: v is None or kl._positive_int(n, v),

@@ -254,11 +254,16 @@ def section_06(res: dict) -> tuple[str, str]:
                       [[c["context"], c["keep_ratio"], f"{c['tpot_dynamic_s'] * 1e3:.1f}", f"{c['tpot_in_place_s'] * 1e3:.1f}",
                         f"{c['speedup']:.2f}×", f"{c['dynamic_over_gemv_model']:.2f}×", f"{c['in_place_over_gemv_model']:.2f}×",
                         c["same_tokens"]] for c in s.get("cache_comparison", [])])
+    timed_alone = all("predicted_attention_s" in d for d in kn)
     models = md_table(["context", "keep_ratio", "TPOT ms (median)", "(weights + KV) / bandwidth ms", "measured ÷ that",
-                       "with measured terms ms", "measured ÷ that"],
+                       "with measured terms ms", "measured ÷ that"]
+                      + (["attention alone ms", "its KV GB/s", "with it in place of KV ms", "measured ÷ that"] if timed_alone else []),
                       [[d["context"], d["keep_ratio"], f"{d['tpot_median_s'] * 1e3:.2f}", f"{d['predicted_tpot_s'] * 1e3:.2f}",
                         f"{d['measured_over_model']:.2f}×", f"{d['predicted_gemv_s'] * 1e3:.2f}",
                         f"{d['tpot_median_s'] / d['predicted_gemv_s']:.2f}×"]
+                       + ([f"{d['attention_s'] * 1e3:.2f}", f"{d['attention_bytes_per_s'] / 1e9:.1f}",
+                           f"{d['predicted_attention_s'] * 1e3:.2f}", f"{d['tpot_median_s'] / d['predicted_attention_s']:.2f}×"]
+                          if timed_alone else [])
                        for d in sorted(kn, key=lambda x: (x["context"], -x["keep_ratio"])) if d["keep_ratio"] in (1.0, 0.25)])
     ops = s.get("profile_ops") or []
     time_col = "self_device_s" if ops and "self_device_s" in ops[0] else "self_cpu_s"
@@ -287,7 +292,7 @@ matrix-vector {probes['gemv_bytes_per_s'] / 1e9:.1f} GB/s, matmul {s['matmul_flo
 
 Measured TPOT (knorm, in-place decode cache) against the bandwidth model, (weights + kept KV) read once per token at the
 fastest streaming read, and against the model with the measured terms (fixed per-step cost of {s['step_overhead_s'] * 1e3:.1f} ms,
-weights at the matrix-vector rate, kept KV at the read bandwidth):
+weights at the matrix-vector rate, kept KV at the read bandwidth){", and with the step's attention timed alone in place of the KV term" if timed_alone else ""}:
 
 {models}
 

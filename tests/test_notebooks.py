@@ -234,6 +234,7 @@ def test_06_recorded_numbers(executed):
     assert s["weight_bytes"] == 4 * s["n_params"] and s["kv_bytes_per_token_per_layer"] == 2 * 3 * 64 * 4
     assert s["bandwidth_bytes_per_s"] > 0 and s["matmul_flop_per_s"] > 0 and s["step_overhead_s"] > 0
     assert set(s["measured_over_gemv_model_long"]) == set(s["measured_over_overhead_model_long"]) != set()
+    assert set(s["measured_over_attention_model_long"]) == set(s["attention_bytes_per_s_long"]) == set(s["measured_over_gemv_model_long"])
     # the matrix-vector rate is at most the best streaming rate, so that model predicts longer steps
     assert all(s["measured_over_gemv_model_long"][k] <= s["measured_over_overhead_model_long"][k] + 1e-12
                for k in s["measured_over_gemv_model_long"])
@@ -250,6 +251,11 @@ def test_06_recorded_numbers(executed):
         assert d["decode_tokens_per_s"] == pytest.approx(1 / d["tpot_median_s"])
         assert d["predicted_tpot_s"] == pytest.approx((s["weight_bytes"] + d["kv_bytes"]) / s["bandwidth_bytes_per_s"])
         assert d["measured_over_model"] == pytest.approx(d["tpot_median_s"] / d["predicted_tpot_s"])
+        # attention timed alone, in place only, and the model that uses it in place of the KV term
+        assert (d["attention_s"] > 0) if d["cache"] == "in_place" else d["attention_s"] != d["attention_s"]
+        if d["cache"] == "in_place":
+            assert d["predicted_attention_s"] == pytest.approx(
+                s["step_overhead_s"] + s["weight_bytes"] / s["bandwidth_probes"]["gemv_bytes_per_s"] + d["attention_s"])
     for n in sizes["context_lens"]:
         kn = sorted((d for d in dec if d["context"] == n and d["policy"] == "knorm" and d["cache"] == "in_place"),
                     key=lambda d: d["keep_ratio"])

@@ -154,3 +154,19 @@ def test_mps_and_missing_cuda_are_refused_with_the_reason(monkeypatch):
 
     with pytest.raises(ValueError, match="float64"):   # the notebooks' parameter check is the same rule
         runtime.PARAMETER_CHECKS["device"]("device", "mps")
+
+
+def test_policy_outside_its_protocol(tiny64, ids, forward_count):
+    """A dynamic policy under the prefill protocol, or a kvpress press under streaming, is refused
+    by name before any forward (one check, kl.check_policy, for every entry point)."""
+    with pytest.raises(ValueError, match="policy='h2o'.*streaming protocol only"):
+        kl.prefill_ppl(tiny64, ids, CONTEXT, 0.5, policy="h2o")
+    with pytest.raises(ValueError, match="policy='h2o'.*streaming protocol only"):
+        kl.sweep(tiny64, ids, CONTEXT, [kl.EvalConfig(0.5, "h2o")])
+    with pytest.raises(ValueError, match="policy='snapkv'.*prefill protocol only"):
+        kl.streaming_ppl(tiny64, ids, "snapkv", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="policies=.*a policy name"):
+        kl.check_policy("policies", 3, "prefill")
+    assert forward_count == []
+    kl.check_policy("policy", "h2o", "streaming")
+    kl.check_policy("policy", "snapkv", "prefill")

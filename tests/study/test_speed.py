@@ -74,7 +74,7 @@ def test_time_ttft_pieces_add_up(tiny32, ids):
         speed.time_ttft(tiny32, ids, [1.0], repeats=0)
     with pytest.raises(ValueError, match="keep_ratio"):
         speed.time_ttft(tiny32, ids, [1.5])
-    with pytest.raises(ValueError, match="policy"):
+    with pytest.raises(ValueError, match="policies='nope'"):
         speed.time_ttft(tiny32, ids, [0.5], ["nope"])
 
 
@@ -141,3 +141,23 @@ def test_trap_table_and_medians():
     assert t.cold_over_warm == pytest.approx(2.0) and t.baseline_with_load_s == pytest.approx(2.4)
     assert speed.trap_medians(trap)["trap_fake_change_median"] == pytest.approx(-0.5)
 
+
+
+def test_attention_timed_alone_at_the_kept_lengths(tiny32):
+    """Every in-place row gains its step's attention time (positive; skip layers at full length) and
+    the model that adds it to the fixed cost and the weights' matmuls; DynamicCache rows get none."""
+    kv_per_token = speed.kv_bytes_per_token(tiny32)
+    rows = [{"context": 40, "keep_ratio": r, "cache": kind, "tpot_median_s": 0.01,
+             "kv_bytes": kv_per_token * (40 + (N_LAYERS - 1) * kl.n_kept_for(40, r))}
+            for r, kind in ((1.0, "in_place"), (0.5, "in_place"), (0.5, "dynamic"))]
+    out = speed.with_attention_model(pd.DataFrame(rows), tiny32, (0,), weight_bytes=1000, step_overhead_s=0.002,
+                                     gemv_bytes_per_s=1e6)
+    in_place = out[out.cache == "in_place"]
+    assert (in_place.attention_s > 0).all() and out[out.cache == "dynamic"].attention_s.isna().all()
+    pd.testing.assert_series_equal(in_place.predicted_attention_s, 0.002 + 1000 / 1e6 + in_place.attention_s,
+                                   check_names=False)
+    pd.testing.assert_series_equal(in_place.attention_bytes_per_s, in_place.kv_bytes / in_place.attention_s,
+                                   check_names=False)
+    ratios = speed.long_context_ratios(out.assign(policy="knorm", measured_over_model=1.0, predicted_with_overhead_s=0.01,
+                                                  predicted_gemv_s=0.01), [40])
+    assert set(ratios["measured_over_attention_model_long"]) == {"40@1.0", "40@0.5"}
