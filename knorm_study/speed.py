@@ -4,6 +4,7 @@ and the study's analysis (TTFT and decode tables, the bandwidth model and its fi
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import numbers
 import os
@@ -121,7 +122,10 @@ def peak_memory(fn: Callable[[], Any], interval_s: float = 0.005, device: str = 
         peak = torch.cuda.max_memory_allocated(device)
         return result, {"kind": "cuda_allocated", "baseline_bytes": base, "peak_bytes": peak,
                         "increase_bytes": peak - base}
-    _malloc_trim()  # hand freed heap pages back first, so the resident set tracks live memory
+    # collect garbage and hand freed heap pages back first, so the resident set tracks live memory
+    # and no earlier garbage is freed inside the measurement (it would hide what ``fn`` allocates)
+    gc.collect()
+    _malloc_trim()
     base = rss_bytes()
     peak = [base]
     done = threading.Event()
