@@ -600,7 +600,7 @@ def attention_step_s(model: Any, buffers: Sequence[tuple[torch.Tensor, torch.Ten
 
     def step() -> None:
         for module, keys, values in layers:
-            attention(module, query, keys, values, None, scaling=k0.shape[-1] ** -0.5)
+            attention(module, query, keys, values, None, dropout=0.0, scaling=k0.shape[-1] ** -0.5)
 
     with kl.grouped_decoding():
         return timed(step, repeats=repeats, warmup=1, device=k0.device)["median_s"]

@@ -145,7 +145,10 @@ def test_trap_table_and_medians():
 
 def test_attention_timed_alone_at_the_kept_lengths(tiny32):
     """Every in-place row gains its step's attention time (positive; skip layers at full length) and
-    the model that adds it to the fixed cost and the weights' matmuls; DynamicCache rows get none."""
+    the model that adds it to the fixed cost and the weights' matmuls; DynamicCache rows get none.
+    kvpress, once imported, wraps every registered attention function: the probe must call it as
+    transformers does."""
+    import kvpress  # noqa: F401
     kv_per_token = speed.kv_bytes_per_token(tiny32)
     rows = [{"context": 40, "keep_ratio": r, "cache": kind, "tpot_median_s": 0.01,
              "kv_bytes": kv_per_token * (40 + (N_LAYERS - 1) * kl.n_kept_for(40, r))}
