@@ -191,6 +191,15 @@ def timed_decode(model: Any, cache: kl.KVCache, first_token: torch.Tensor, n_tok
             "min_s": ordered[0], "max_s": ordered[-1], "tokens": torch.cat(tokens, dim=1)[0].cpu().tolist()}
 
 
+def _check_policies(policies: Sequence[str]) -> None:
+    """Prefill policies scored from the cache alone: kvpress presses also read the prefill's hidden
+    states, which the speed study does not keep (at 8k tokens they would outweigh the cache)."""
+    for p in policies:
+        kl.check_policy("policies", p, "prefill")
+        kl._require(p not in kl.KVPRESS_POLICIES, "policies", p,
+                    "a policy scored from the cache alone (kvpress presses need the prefill's hidden states)")
+
+
 @torch.inference_mode()
 def time_ttft(model: Any, input_ids: torch.Tensor, keep_ratios: Sequence[float], policies: Sequence[str] = ("knorm",),
               skip_layers: Sequence[int] = (0, 1), repeats: int = 5, warmup: int = 1) -> tuple[dict[str, Any], kl.Prefill]:
@@ -205,8 +214,7 @@ def time_ttft(model: Any, input_ids: torch.Tensor, keep_ratios: Sequence[float],
     ratios = [kl._check_keep_ratio(r) for r in keep_ratios]
     if not ratios or not policies:
         raise ValueError("keep_ratios, policies: need at least one of each")
-    for p in policies:
-        kl.check_policy("policies", p, "prefill")
+    _check_policies(policies)
     input_ids = kl._check_ids(input_ids).to(model.device)
     device = model.device
     pre, memory = peak_memory(lambda: kl.prefill(model, input_ids), device=str(device)) if warmup else (None, None)
@@ -374,9 +382,10 @@ def cold_warm_ttft(input_ids: torch.Tensor, keep_ratios: Sequence[float] = (1.0,
 
 # ---- the study (06_speed_tradeoffs): shapes, tables, the bandwidth model, the TTFT trap, findings ----
 
-def check_sizes(sizes: dict[str, Any], keep_ratios: Sequence[float]) -> None:
-    """The notebook's sizes: the headline context is one of the measured ones, and keep_ratio 1.0
-    (the uncompressed baseline) is among ``keep_ratios``."""
+def check_sizes(sizes: dict[str, Any], keep_ratios: Sequence[float], policies: Sequence[str] = ("knorm",)) -> None:
+    """The notebook's sizes: the headline context is one of the measured ones, keep_ratio 1.0
+    (the uncompressed baseline) is among ``keep_ratios``, and the policies can be timed."""
+    _check_policies(policies)
     if sizes["headline_len"] not in sizes["context_lens"]:
         raise ValueError(f"headline_len={sizes['headline_len']}: must be one of context_lens={sizes['context_lens']}")
     if 1.0 not in keep_ratios:

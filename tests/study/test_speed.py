@@ -76,6 +76,21 @@ def test_time_ttft_pieces_add_up(tiny32, ids):
         speed.time_ttft(tiny32, ids, [1.5])
     with pytest.raises(ValueError, match="policies='nope'"):
         speed.time_ttft(tiny32, ids, [0.5], ["nope"])
+    with pytest.raises(ValueError, match="policies='snapkv'.*hidden states"):
+        speed.time_ttft(tiny32, ids, [0.5], ["snapkv"])
+
+
+def test_check_sizes_names_the_parameter():
+    """06's checks, before the model loads: the headline among the contexts, the baseline among the
+    keep_ratios, and only policies the speed study can time (no kvpress press, no dynamic policy)."""
+    good = {"headline_len": 512, "context_lens": [256, 512]}
+    speed.check_sizes(good, [1.0, 0.5], ["knorm", "streaming"])
+    for sizes, ratios, policies, name in [({**good, "headline_len": 300}, [1.0], ["knorm"], "headline_len"),
+                                          (good, [0.5], ["knorm"], "keep_ratios"),
+                                          (good, [1.0], ["tova"], "policies='tova'"),
+                                          (good, [1.0], ["h2o"], "policies='h2o'")]:
+        with pytest.raises(ValueError, match=name):
+            speed.check_sizes(sizes, ratios, policies)
 
 
 def test_machine_rates_and_profile(tiny32, ids):
