@@ -169,14 +169,19 @@ def test_real_model_engines_agree(real_model, news_ids):
 def test_real_model_engines_agree_exactly_in_float64(news_ids):
     """The tie rule leaves nothing to the implementation: SmolLM2 in float64, every layer
     compressed, both engines evict every token at the same step and give the same PPL (to float64
-    rounding). What separates them in float32 is rounding of near-tied norms, not a tie rule."""
+    rounding: no further apart than the engines are with nothing evicted, where only the forward's
+    float64 rounding separates them: up to 1.6e-6 in NLL on an AVX2 CPU after 30 layers, ~1e-12 on
+    others). What separates them in float32 is rounding of near-tied norms, not a tie rule."""
     model, _ = kl.load_model(dtype=torch.float64)
     ids = news_ids[:, :160]
     seq = kl.streaming_ppl(model, ids, "knorm", keep_ratio=0.5, skip_layers=(), engine="sequential")
     one = kl.streaming_ppl(model, ids, "knorm", keep_ratio=0.5, skip_layers=(), engine="one_pass")
     assert set(seq.evictions) == set(one.evictions) == set(range(kl._n_layers(model)))
     assert all(torch.equal(seq.evictions[i], one.evictions[i]) for i in seq.evictions)
-    torch.testing.assert_close(one.nll, seq.nll, rtol=1e-12, atol=1e-12)
+    whole = [kl.streaming_ppl(model, ids, "knorm", max_cache=160, skip_layers=(), engine=e).nll
+             for e in ("sequential", "one_pass")]
+    rounding = (whole[0] - whole[1]).abs().max().item()
+    assert (one.nll - seq.nll).abs().max().item() <= 10 * rounding + 1e-12
 
 
 def test_streaming_policy_never_evicts_the_first_token(tiny64, ids48):
