@@ -235,8 +235,9 @@ def _interval_text(b: dict[str, Any]) -> str:
 
 def _correlation_text(record: dict[str, Any]) -> tuple[str, str]:
     """``(phrase, numbers)`` for the low-norm/high-attention claim in layers 2 and up: the phrase
-    states the verdict (and "weak token by token" when |mean ρ| < 0.3 even though the sign is
-    resolved), the numbers give the per-document mean ρ, its interval and n."""
+    puts into words the verdict ``intervals.negative`` decides (adding "weak token by token" when
+    |mean ρ| < 0.3 even though the sign is resolved), the numbers give the per-document mean ρ, its
+    interval and n."""
     from knorm_study import intervals
 
     b = spearman_by_document(record["results"]["spearman"])

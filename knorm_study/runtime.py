@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -152,12 +153,28 @@ def report_figures_dir(profile: str) -> Path:
 _PENDING_FIGURES: dict[str, dict[Path, tuple[Path, str]]] = {}   # notebook -> {staged file: (base, file name)}
 
 
+def code_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a Python file's code: its syntax tree with every docstring dropped (comments and
+    layout never reach the tree), so an edit to prose alone keeps the hash and any edit to code
+    changes it."""
+    import ast
+
+    tree = ast.parse(Path(path).read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
 def library_hashes() -> dict[str, str]:
-    """sha256 of knorm_lib.py and of every knorm_study module this process imported: what a
-    recorded result was computed with."""
+    """``code_sha256`` of knorm_lib.py and of every knorm_study module this process imported: the
+    code a recorded result was computed with."""
     files = [Path(m.__file__) for name, m in sorted(sys.modules.items())
              if (name == "knorm_lib" or name.startswith("knorm_study.")) and getattr(m, "__file__", None)]
-    return {str(f.relative_to(kl.PROJECT_ROOT)): kl.file_sha256(f) for f in files}
+    return {str(f.relative_to(kl.PROJECT_ROOT)): code_sha256(f) for f in files}
 
 
 def model_slug(model: Any | None) -> str | None:
@@ -201,7 +218,7 @@ def record_results(notebook: str, profile: str, parameters: dict[str, Any], resu
     it, then publish the figures this process saved for the notebook (under the model's slug too,
     for any model but the embedded one): a run that fails before recording its results leaves no
     figure behind."""
-    identity: dict[str, Any] = {"library_sha256": library_hashes(),
+    identity: dict[str, Any] = {"library_code_sha256": library_hashes(),
                                 "corpora_sha256": {p.stem: kl.file_sha256(p) for p in sorted(kl._VERIFIED_CORPORA)}}
     if model is not None:
         identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),

@@ -622,14 +622,13 @@ def with_attention_model(dec: Any, model: Any, skip_layers: Sequence[int], weigh
     model that uses it in place of kept KV / bandwidth: fixed cost + weights at the matrix-vector
     rate + that attention time (``predicted_attention_s``). What this model leaves unexplained is
     neither the weights' matmuls, nor attention, nor dispatch."""
-    cfg = model.config
-    shape = (1, cfg.num_key_value_heads, 0, kl._head_dim(model))
+    n_kv_heads, head_dim = model.config.num_key_value_heads, kl._head_dim(model)
     out = dec.copy()
     out["attention_s"] = float("nan")
     skip = set(skip_layers)
     for n in sorted(set(out.context[out.cache == "in_place"])):
         gen = torch.Generator().manual_seed(0)
-        buffers = [tuple(torch.randn(*shape[:2], n + room, shape[3], generator=gen).to(model.device, model.dtype)
+        buffers = [tuple(torch.randn(1, n_kv_heads, n + room, head_dim, generator=gen).to(model.device, model.dtype)
                          for _ in range(2)) for _ in range(kl._n_layers(model))]
         for i in out.index[(out.context == n) & (out.cache == "in_place")]:
             kept = kl.n_kept_for(n, out.at[i, "keep_ratio"])

@@ -60,22 +60,45 @@ def test_budget_schedules():
         kl.budget_schedule(10, max_cache=0)
 
 
-def test_eviction_steps_heap_matches_brute_force():
-    """The heap simulation equals a direct replay of 'evict the lowest until budget remain'."""
+@pytest.mark.parametrize("recent_window", [0, 3])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
+@pytest.mark.parametrize("schedule", [dict(keep_ratio=0.4), dict(max_cache=7), dict(keep_ratio=0.5, prune_after=12)],
+                         ids=["keep_ratio", "max_cache", "bursts"])
+def test_eviction_steps_heap_matches_brute_force(schedule, ties, recent_window):
+    """The heap simulation equals a direct replay of 'evict the lowest until budget remain' (the
+    oldest of equal scores first; the recent window's tokens last, oldest first)."""
     g = torch.Generator().manual_seed(0)
-    scores = torch.rand(2, 30, generator=g)
-    budget = kl.budget_schedule(30, keep_ratio=0.4)
-    evict = kl.eviction_steps(scores, budget)
+    scores = torch.randint(0, 4, (2, 40), generator=g).float() if ties else torch.rand(2, 40, generator=g)
+    budget = kl.budget_schedule(40, **schedule)
+    evict = kl.eviction_steps(scores, budget, recent_window)
     for h in range(2):
         alive: list[int] = []
-        expected = [30] * 30
-        for t in range(30):
+        expected = [40] * 40
+        for t in range(40):
             alive.append(t)
             while len(alive) > budget[t]:
-                worst = min(alive, key=lambda j: (scores[h, j].item(), j))
+                ranked = [j for j in alive if j <= t - recent_window]
+                worst = min(ranked, key=lambda j: (scores[h, j].item(), j)) if ranked else min(alive)
                 alive.remove(worst)
                 expected[worst] = t
         assert evict[h].tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [100, 511, 512, 513, 1024, 1500])
+def test_block_attention_is_bitwise_one_call(n, dtype):
+    """The one-pass engine's attention, a block of queries at a time over the keys up to the
+    block's end, gives the bits of one SDPA call over the whole (H_kv, n, n) mask."""
+    g = torch.Generator().manual_seed(n)
+    n_kv, groups, d = 2, 3, 16
+    q = torch.randn(1, n_kv * groups, n, d, generator=g).to(dtype)
+    k, v = (torch.randn(1, n_kv, n, d, generator=g).to(dtype) for _ in range(2))
+    evict = kl.eviction_steps(torch.rand(n_kv, n, generator=g), kl.budget_schedule(n, max_cache=n // 3 + 1))
+    mask = kl.streaming_mask(evict, dtype)
+    one_call = F.scaled_dot_product_attention(q.view(n_kv, groups, n, d), k[0][:, None], v[0][:, None],
+                                              attn_mask=mask[:, None], enable_gqa=True)
+    blocks = kl._streaming_attention(q, k, v, evict, None)
+    assert torch.equal(blocks, one_call.view(1, n_kv * groups, n, d).transpose(1, 2).contiguous())
 
 
 def test_one_pass_cache_relative_equals_sequential(tiny64, ids48):
