@@ -16,7 +16,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 import knorm_lib as kl
-PROFILES: tuple[str, ...] = ("quick", "full", "large")
+# quick: what the tests run; full: the committed report, sized for two CPU cores; paper: the
+# reference code's and the paper's sizes (README, "Profiles").
+PROFILES: tuple[str, ...] = ("quick", "full", "paper")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 # Where notebooks record results and figures. Only `make report` writes the committed ones
@@ -43,6 +46,7 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "model_name": lambda n, v: kl._require(v is None or isinstance(v, str), n, v,
                                         "None (embedded model) or a Hugging Face id / local path"),
     "device": lambda n, v: kl._check_device(v),
+    "dtype": lambda n, v: v is None or kl._check_choice(n, v, DTYPES),
     "keep_ratios": lambda n, v: kl._check_list(n, v, lambda r: kl._check_keep_ratio(r)),
     "policies": lambda n, v: kl._check_list(n, v, lambda p: kl.check_policy(n, p, "prefill")),
     "streaming_policies": lambda n, v: kl._check_list(n, v, lambda p: kl.check_policy(n, p, "streaming")),
@@ -99,6 +103,13 @@ def notebook_parameters(namespace: dict[str, Any], declared: set[str], before: d
     kl._require(profile in defaults, "profile", profile, f"one of this notebook's profiles {sorted(defaults)}")
     sizes = {k: (params[k] if params.get(k) is not None else v) for k, v in defaults[profile].items()}
     return params, sizes
+
+
+def model_dtype(dtype: str | None, device: str) -> str:
+    """The dtype a notebook loads its model in: ``dtype``, or (None) bfloat16 on CUDA, float32 on a CPU."""
+    kl._require(dtype is None or dtype in DTYPES, "dtype", dtype, f"None or one of {DTYPES}")
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return dtype or ("bfloat16" if on_cuda else "float32")
 
 
 def check_skip_layers(model: Any, skip_layers: Sequence[int]) -> None:
@@ -179,22 +190,28 @@ def library_hashes() -> dict[str, str]:
 
 def model_slug(model: Any | None) -> str | None:
     """The folder a model's results and figures go under: ``None`` for the embedded default model
-    (its results keep the committed paths) and when no model is given; otherwise a file-name-safe
-    form of its Hugging Face id or local folder name, or ``random-<type>-<layers>x<width>`` for a
-    model built from a config."""
+    in float32 on a CPU (its results keep the committed paths) and when no model is given;
+    otherwise a file-name-safe form of its Hugging Face id or local folder name, or
+    ``random-<type>-<layers>x<width>`` for a model built from a config, followed by the dtype
+    unless float32 and ``-cuda`` on a GPU (another dtype or device is another measurement)."""
     import re
 
     if model is None:
         return None
     name = str(getattr(model, "name_or_path", "") or "")
+    dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
+    on_cuda = str(getattr(model, "device", "cpu")).startswith("cuda")
+    suffix = ("" if dtype == "float32" else f"-{dtype}") + ("-cuda" if on_cuda else "")
     if name and Path(name).expanduser().resolve() == kl.DEFAULT_MODEL_DIR.resolve():
-        return None
+        if not suffix:
+            return None
+        name = kl.DEFAULT_MODEL_DIR.name
     if not name:
         cfg = model.config
         name = f"random-{cfg.model_type}-{kl._n_layers(model)}x{cfg.hidden_size}"
     elif Path(name).expanduser().is_dir():
         name = Path(name).expanduser().resolve().name
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower().replace("/", "--")).strip("-.") or "model"
+    return (re.sub(r"[^a-z0-9._-]+", "-", name.lower().replace("/", "--")).strip("-.") or "model") + suffix
 
 
 def model_label(record: dict[str, Any]) -> str:
@@ -221,7 +238,7 @@ def record_results(notebook: str, profile: str, parameters: dict[str, Any], resu
     identity: dict[str, Any] = {"library_code_sha256": library_hashes(),
                                 "corpora_sha256": {p.stem: kl.file_sha256(p) for p in sorted(kl._VERIFIED_CORPORA)}}
     if model is not None:
-        identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype),
+        identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype), device=str(model.device),
                         n_layers=kl._n_layers(model), n_params=sum(p.numel() for p in model.parameters()))
     slug = model_slug(model)
     identity["model_slug"] = slug

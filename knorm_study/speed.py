@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import knorm_lib as kl
-from knorm_study import decode
+from knorm_study import decode, runtime
 
 
 def random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -402,7 +402,7 @@ def load(model_name: str | None, model_config: dict[str, Any] | None, device: st
     that holds the model's first layers)."""
     kl._check_device(device)
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    dtype = dtype or ("bfloat16" if on_cuda else "float32")
+    dtype = runtime.model_dtype(dtype, device)
     if model_config is None:
         model, tokenizer = kl.load_model(model_name, device=device, dtype=dtype)
         return model, tokenizer, None, str(model.device)

@@ -104,7 +104,7 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="full", choices=["quick", "full", "large"])
+    ap.add_argument("--profile", default="full", choices=list(runtime.PROFILES))
     ap.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
     ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
     args = ap.parse_args()
