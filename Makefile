@@ -32,9 +32,11 @@ browser:
 test: data browser
 	$(PY) -m pytest -q tests
 
+# Any model, device and dtype: make report MODEL=<hub id or local path> DEVICE=cuda DTYPE=bfloat16 PROFILE=paper
+# (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU paper run).
 report: data
-	$(PY) scripts/run_report.py --profile $(PROFILE)
-	$(PY) scripts/render_report.py --profile $(PROFILE)
+	$(PY) scripts/run_report.py --profile $(PROFILE) $(if $(MODEL),--model "$(MODEL)") \
+	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes)
 
 lab: data
 	$(VENV)/bin/jupyter lab notebooks/

@@ -83,8 +83,11 @@ def _pct(b: dict[str, Any]) -> str:
     return f"{math.expm1(b['mean']):+.1%}{interval}"
 
 
-def _row(claim: str, source: str, protocol: str, measured: str, n: int | str, verdict: str) -> dict[str, Any]:
-    return {"claim": claim, "source": source, "protocol": protocol, "measured": measured, "n": n, "verdict": verdict}
+def _row(key: str, claim: str, source: str, protocol: str, measured: str, n: int | str, verdict: str) -> dict[str, Any]:
+    """One ledger row; ``key`` names the claim and protocol whatever the sizes, so the same row of
+    two models' or profiles' ledgers can sit side by side (``across_models``)."""
+    return {"key": key, "claim": claim, "source": source, "protocol": protocol, "measured": measured, "n": n,
+            "verdict": verdict}
 
 
 # ---- the ledger ----
@@ -99,37 +102,38 @@ def load_records(profile: str, slug: str | None) -> dict[str, dict[str, Any] | N
     return out
 
 
-def _missing(claim: str, source: str, notebook: str) -> dict[str, Any]:
-    return _row(claim, source, "—", f"run {notebook} first (same model and profile)", 0, "not measured")
+def _missing(key: str, claim: str, source: str, notebook: str) -> dict[str, Any]:
+    return _row(key, claim, source, "—", f"run {notebook} first (same model and profile)", 0, "not measured")
 
 
 def lm_claims(own: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The language-modelling claims from ``lm_rows`` (``None``: 04 has not been run)."""
     if own is None:
-        return [_missing("Evicting KV cache entries by key norm barely moves perplexity", "paper (abstract)",
+        return [_missing("lm", "Evicting KV cache entries by key norm barely moves perplexity", "paper (abstract)",
                          SOURCES["04"])]
     p, s, sizes = own["prefill"], own["streaming"], own["sizes"]
     r, burst = own["keep_ratio"], f"knorm burst P={own['prune_after']}"
     frac = lambda variant: next(x["mean_kept_fraction"] for x in s if x["variant"] == variant)
     claim = f"Evicting {1 - r:.0%} of the KV cache by key norm barely moves perplexity (≤ +{PPL_TOLERANCE:.0%})"
     rows = []
-    for protocol, rows_, variant, kept in (
-            (f"reference LM (bursts: prune_after {own['prune_after']}, keep_ratio {r}, skip {tuple(own['skip_layers'])}), "
+    for key, protocol, rows_, variant, kept in (
+            ("lm.bursts", f"reference LM (bursts: prune_after {own['prune_after']}, keep_ratio {r}, skip {tuple(own['skip_layers'])}), "
              f"{sizes['stream_tokens']} tokens (the reference code's default: prune_after 1000 on 2,000–3,000 tokens)",
              s, burst, frac(burst)),
-            (f"prefill, kvpress's (keep_ratio {r}, skip {tuple(own['skip_layers'])}), {sizes['context_len']} + "
+            ("lm.prefill", f"prefill, kvpress's (keep_ratio {r}, skip {tuple(own['skip_layers'])}), {sizes['context_len']} + "
              f"{sizes['continuation_len']} tokens", p, "knorm", r),
-            (f"streaming, cut back every token (keep_ratio {r}), {sizes['stream_tokens']} tokens", s,
+            ("lm.per_token", f"streaming, cut back every token (keep_ratio {r}), {sizes['stream_tokens']} tokens", s,
              "knorm per token", frac("knorm per token"))):
         b = _paired(rows_, variant, "full cache")
-        rows.append(_row(claim, "paper (abstract)", protocol,
+        rows.append(_row(key, claim, "paper (abstract)", protocol,
                          f"PPL {_pct(b)} vs full cache; effective kept fraction {kept:.2f}", b["n"], within_tolerance(b)))
     b = _paired(p, "high_norm", "random")
-    rows.append(_row("Keeping the high-norm keys is worse than random", "paper (ablation)",
+    rows.append(_row("lm.high_norm_vs_random", "Keeping the high-norm keys is worse than random", "paper (ablation)",
                      f"prefill, keep_ratio {r}", f"PPL high_norm vs random {_pct(b)}", b["n"], positive(b)))
     b = _paired(s, "knorm per token", burst)
     worse_with_more = frac("knorm per token") >= frac(burst) - MEMORY_MATCH
-    rows.append(_row("Cutting the cache back after every token hurts KnormPress more than the reference code's "
+    rows.append(_row("lm.per_token_vs_bursts",
+                     "Cutting the cache back after every token hurts KnormPress more than the reference code's "
                      f"bursts, at no more memory (kept fractions within {MEMORY_MATCH})",
                      "this study (04's streaming protocol)",
                      f"streaming, keep_ratio {r}: per token (kept {frac('knorm per token'):.3f}) vs bursts "
@@ -145,7 +149,7 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     plus random tokens."""
     claim, src = "Keys with a low norm receive high attention (layers 2 and up)", "paper (motivation)"
     if rec is None:
-        return [_missing(claim, src, SOURCES["02"])]
+        return [_missing("attention", claim, src, SOURCES["02"])]
     r = rec["results"]
     rows = []
     for field, protocol in (("spearman", "Spearman per head, attention from all later queries (not the paper's ALR)"),
@@ -153,7 +157,7 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
         b = attention.spearman_by_document(r["spearman"], field)
         if b is None:
             continue
-        rows.append(_row(claim, src, protocol, f"mean ρ {b['mean']:+.3f}"
+        rows.append(_row(f"attention.{field}", claim, src, protocol, f"mean ρ {b['mean']:+.3f}"
                          + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if enough(b) else " (too few documents for an interval)"),
                          b["n"], negative(b)))
     areas: dict[str, dict[str, float]] = {}
@@ -163,7 +167,8 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
         docs = sorted(set(areas["knorm"]) & set(areas["sink_random"]))
         b = intervals.paired_bootstrap([areas["sink_random"][d] - areas["knorm"][d] for d in docs])
         mean = lambda p: sum(areas[p].values()) / len(areas[p])
-        rows.append(_row("The key norm carries signal beyond the attention sink: evicting by norm loses less "
+        rows.append(_row("attention.beyond_sink",
+                         "The key norm carries signal beyond the attention sink: evicting by norm loses less "
                          "attention than keeping the sink and evicting at random", "paper (motivation)",
                          "attention lost by the continuation's queries, area above the oracle over evicted fractions "
                          "(ALR-style), layers 2 and up",
@@ -179,9 +184,10 @@ def passkey_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The paper's passkey claim under both protocols, as 05 recorded it (Wilson intervals)."""
     claim = "Passkey retrieval survives 90 % compression"
     if rec is None or not rec["results"].get("protocol_claims"):
-        return [_missing(claim, "paper (abstract)", SOURCES["05"])]
+        return [_missing("passkey", claim, "paper (abstract)", SOURCES["05"])]
     ctx = rec["parameters"]["sizes"]["protocol_context"]
-    return [_row(claim, "paper (abstract)", f"{c['protocol']}, {c['skip']}, keep_ratio {c['keep_ratio']}, {ctx} tokens",
+    return [_row(f"passkey.{c['protocol']}.{c['skip']}", claim, "paper (abstract)",
+                 f"{c['protocol']}, {c['skip']}, keep_ratio {c['keep_ratio']}, {ctx} tokens",
                  f"{c['accuracy']:.0%} [{c['lo']:.0%}, {c['hi']:.0%}] vs {c['uncompressed']:.0%} uncompressed", c["n"],
                  {"holds": "holds", "fails": "fails"}.get(c["verdict"], "not resolved"))
             for c in rec["results"]["protocol_claims"]]
@@ -193,17 +199,20 @@ def writeup_claims(rec03: dict[str, Any] | None, rec06: dict[str, Any] | None) -
     src = "write-up (shared/seed)"
     rows = []
     if rec03 is None:
-        rows.append(_missing("The perplexity jump comes from storing the cache in norm order", src, SOURCES["03"]))
+        rows.append(_missing("writeup.positions", "The perplexity jump comes from storing the cache in norm order", src,
+                             SOURCES["03"]))
     else:
         inv, n = rec03["results"]["invariants"], len(rec03["results"]["documents"])
         rows += [
-            _row("Perplexity without compression (Plan B) reports what compression does", src, "prefill, every keep_ratio",
+            _row("writeup.plan_b", "Perplexity without compression (Plan B) reports what compression does", src,
+                 "prefill, every keep_ratio",
                  "the same number at every keep_ratio" if inv["plan_b_constant_across_keep_ratios"] else "it varies",
                  n, "fails" if inv["plan_b_constant_across_keep_ratios"] else "not resolved"),
-            _row("The perplexity jump comes from storing the cache in norm order", src, "prefill, true positions",
+            _row("writeup.norm_order", "The perplexity jump comes from storing the cache in norm order", src,
+                 "prefill, true positions",
                  f"norm order changes PPL by at most {inv['order_max_rel_diff_absolute']:.0e} (relative)", n,
                  "fails" if inv["order_max_rel_diff_absolute"] <= 1e-5 else "not resolved"),
-            _row("The jump comes from numbering new tokens from the compressed length (BACKGROUND's diagnosis)",
+            _row("writeup.numbering", "The jump comes from numbering new tokens from the compressed length (BACKGROUND's diagnosis)",
                  "this study", "prefill, cache_relative vs absolute positions",
                  f"PPL × {inv['cache_relative_min_inflation_when_evicting']:.2f} to "
                  f"× {inv['cache_relative_max_inflation_when_evicting']:.2f} whenever tokens are evicted; × 1 at keep 1.0",
@@ -211,11 +220,11 @@ def writeup_claims(rec03: dict[str, Any] | None, rec06: dict[str, Any] | None) -
                  and inv["cache_relative_equals_absolute_at_keep_1"] == 0 else "fails")]
     claim = "Compressing the cache cuts time to first token by 95 %"
     if rec06 is None:
-        rows.append(_missing(claim, src, SOURCES["06"]))
+        rows.append(_missing("writeup.ttft", claim, src, SOURCES["06"]))
     else:
         s = rec06["results"]["summary"]
         n = len(rec06["results"]["trap"])
-        rows.append(_row(claim, src, "TTFT, compressed vs full, both warm (06)",
+        rows.append(_row("writeup.ttft", claim, src, "TTFT, compressed vs full, both warm (06)",
                          f"warm vs warm {s['trap_warm_change_median']:+.0%} (median); a cold baseline alone gives "
                          f"{s['trap_fake_change_with_load_median']:+.0%} with the model load in its clock",
                          n, "fails" if s["trap_warm_change_median"] > -0.5 else "not resolved"))
@@ -235,12 +244,64 @@ def ledger_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def headline(record: dict[str, Any]) -> str:
-    """README's line from the ledger: the count of each verdict and the claims that hold or fail."""
+def headline(record: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> str:
+    """README's ledger: the count of each verdict, then a table, a row per claim (claim · protocol ·
+    number · n · verdict); with ``others`` (other models' or profiles' 07 records), one column per
+    record instead (``across_models``)."""
     rows = record["results"]["ledger"]
     count = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
-    settled = lambda v: "; ".join(f"{r['claim']} ({r['protocol']})" for r in rows if r["verdict"] == v) or "none"
-    return (f"- **Claims ledger ({runtime.model_label(record)}, {len(rows)} rows):** {count['holds']} hold, "
-            f"{count['fails']} fail, {count['not resolved']} not resolved at their n"
-            + (f", {count['not measured']} not measured" if count["not measured"] else "") + f". Fail: {settled('fails')}. "
-            f"Hold: {settled('holds')}.\n")
+    lead = (f"- **Claims ledger ({runtime.model_label(record)}, {record.get('profile', '?')} profile, {len(rows)} rows):** "
+            f"{count['holds']} hold, {count['fails']} fail, {count['not resolved']} not resolved at their n"
+            + (f", {count['not measured']} not measured" if count["not measured"] else "") + ".\n\n")
+    if others:
+        return lead + across_models([record, *others]) + "\n\n"
+    lines = ["  | claim | protocol | number | n | verdict |", "  |---|---|---|---|---|"]
+    lines += [f"  | {r['claim']} | {r['protocol']} | {r['measured']} | {r['n']} | **{r['verdict']}** |" for r in rows]
+    return lead + "\n".join(lines) + "\n\n"
+
+
+def column_label(record: dict[str, Any]) -> str:
+    """A ledger column's name: the model, its dtype when not float32, and the profile."""
+    dtype = str(record.get("identity", {}).get("dtype", "torch.float32")).removeprefix("torch.")
+    return f"{runtime.model_label(record)}{'' if dtype == 'float32' else ', ' + dtype} · {record.get('profile', '?')}"
+
+
+def across_models(records: Sequence[dict[str, Any]]) -> str:
+    """The ledgers of several 07 records side by side (Markdown): each claim once (by its row key, in
+    the first record's order, then any others), one column per record with its verdict, number and
+    n, and under the table each column's protocol sizes, so a claim that fails at one scale and
+    holds at another shows at a glance."""
+    order: list[str] = []
+    cells: list[dict[str, dict[str, Any]]] = []
+    for rec in records:
+        by_key = {r["key"]: r for r in rec["results"]["ledger"] if "key" in r}
+        order += [k for k in by_key if k not in order]
+        cells.append(by_key)
+    first = lambda k: next(c[k] for c in cells if k in c)
+    header = ["claim", "protocol", *(column_label(r) for r in records)]
+    lines = ["  | " + " | ".join(header) + " |", "  |" + "---|" * len(header)]
+    for k in order:
+        row = first(k)
+        protocol = row["protocol"].split(",")[0].split("(")[0].strip()
+        lines.append(f"  | {row['claim']} | {protocol} | " + " | ".join(
+            f"**{c[k]['verdict']}** {c[k]['measured']} (n = {c[k]['n']})" if k in c else "—" for c in cells) + " |")
+    sizes = [f"  - {column_label(r)}: " + "; ".join(dict.fromkeys(x["protocol"] for x in r["results"]["ledger"]))
+             for r in records]
+    return "\n".join(lines) + "\n\n  Protocols as measured, per column:\n\n" + "\n".join(sizes)
+
+
+def other_ledgers(record: dict[str, Any], results_dir: Any = None) -> list[dict[str, Any]]:
+    """Every other 07 record under ``results_dir`` (default ``runtime.RESULTS_DIR``): the embedded
+    model's other profiles and every other model's (``<notebook>/<slug>/<profile>.json``), GPU-only
+    records of 06 aside."""
+    from pathlib import Path
+
+    base = Path(results_dir or runtime.RESULTS_DIR) / "07_paper_claims"
+    out = []
+    for path in sorted([*base.glob("*.json"), *base.glob("*/*.json")]):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        same = (rec.get("identity", {}).get("model_slug") == record.get("identity", {}).get("model_slug")
+                and rec.get("profile") == record.get("profile"))
+        if not same and rec.get("results", {}).get("ledger"):
+            out.append(rec)
+    return out

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=RESULTS, help="results directory of the run (default data/results)")
     ap.add_argument("--reference", type=Path, help="a results directory to compare with (default: git --rev)")
     ap.add_argument("--rev", default="HEAD", help="the committed revision to compare with (default HEAD)")
+    ap.add_argument("--slug", help="another model's results (<run>/<notebook>/<slug>/<profile>.json)")
     ap.add_argument("--tolerance", type=float, default=1e-4)
     ap.add_argument("--check", action="store_true", help="exit 1 when a ppl/kl/accuracy field differs beyond tolerance")
     args = ap.parse_args(argv)
@@ -115,17 +116,18 @@ def main(argv: list[str] | None = None) -> int:
           f"relative differences, checked families {CHECKED} at tolerance {args.tolerance:g}")
     worst: dict[str, float] = {}
     bad = []
-    files = sorted(args.run.glob(f"*/{args.profile}.json"))
+    sub = f"{args.slug}/" if args.slug else ""
+    files = sorted(args.run.glob(f"*/{sub}{args.profile}.json"))
     if not files:
         print(f"  no results of profile {args.profile!r} under {args.run}")
         return 1 if args.check else 0
     for path in files:
-        notebook = path.parent.name
+        notebook = (path.parent.parent if args.slug else path.parent).name
         if args.reference is not None:
-            ref_path = args.reference / notebook / path.name
+            ref_path = args.reference / notebook / sub / path.name
             ref = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.exists() else None
         else:
-            ref = committed(f"data/results/{notebook}/{path.name}", args.rev)
+            ref = committed(f"data/results/{notebook}/{sub}{path.name}", args.rev)
         if ref is None:
             print(f"  {notebook}: nothing to compare with (new)")
             continue

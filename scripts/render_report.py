@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 from knorm_study import runtime  # noqa: E402
 
 RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results"))
+DEFAULT_REPORTS = ROOT / "reports"   # other models' reports, one folder per model slug; README links these
+REPORTS = Path(os.environ.get("KNORM_REPORTS_DIR", DEFAULT_REPORTS))
 
 
 def load(notebook: str, profile: str, slug: str | None = None) -> dict | None:
@@ -436,7 +438,12 @@ The others are read from notebooks 02, 03, 05 and 06.
 
 {claims.ledger_markdown(r['ledger'])}
 """
-    return body, claims.headline(res)
+    others = claims.other_ledgers(res, RESULTS)
+    if others:
+        body += ("\n### The ledger across models and profiles\n\nEach claim once, one column per recorded model and "
+                 "profile (verdict, number, n), under the same rules:\n\n"
+                 + claims.across_models([res, *others]).replace("\n  ", "\n").lstrip() + "\n")
+    return body, claims.headline(res, others)
 
 
 SECTIONS = {"07_paper_claims": section_07, "00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
@@ -444,13 +451,15 @@ SECTIONS = {"07_paper_claims": section_07, "00_explore": section_00, "01_norm_di
             "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="full")
     ap.add_argument("--model", default=None, metavar="SLUG",
                     help="render another model's results (the folder under <results>/<notebook>/) into "
-                         "build/REPORT-<slug>-<profile>.md; README.md is left alone")
-    args = ap.parse_args()
+                         "<reports dir>/<slug>/REPORT-<profile>.md; README.md's findings are left alone")
+    ap.add_argument("--reports-dir", type=Path, default=REPORTS,
+                    help="where other models' reports go (default reports/; README links them only there)")
+    args = ap.parse_args(argv)
     bodies, headlines, machine, label = [], [], None, None
     for notebook, render in SECTIONS.items():
         res = load(notebook, args.profile, args.model)
@@ -476,16 +485,35 @@ def main() -> None:
               f"Machine: {m['platform']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"transformers {m['transformers']}, Python {m['python']}{', GPU ' + m['gpu'] if m.get('gpu') else ''}.\n\n"
               + "\n".join(bodies))
-    name = f"build/REPORT-{args.model}-{args.profile}.md" if args.model else \
-        "REPORT.md" if args.profile == "full" else f"build/REPORT-{args.profile}.md"
-    runtime.write_text_atomic(ROOT / name, report)
+    target = (args.reports_dir / args.model / f"REPORT-{args.profile}.md" if args.model else
+              ROOT / ("REPORT.md" if args.profile == "full" else f"build/REPORT-{args.profile}.md"))
+    runtime.write_text_atomic(target, report)
     if args.profile == "full" and args.model is None:
-        readme = ROOT / "README.md"
-        text = readme.read_text(encoding="utf-8")
-        block = "<!-- findings:start -->\n" + "".join(headlines) + "<!-- findings:end -->"
-        new = re.sub(r"<!-- findings:start -->.*?<!-- findings:end -->", lambda _: block, text, flags=re.S)
+        replace_block("findings", "".join(headlines))
+    if args.reports_dir.resolve() == DEFAULT_REPORTS.resolve():
+        replace_block("reports", reports_list())
+    print(f"rendered {len(bodies)} section(s) for profile {args.profile!r} into "
+          f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+
+
+def reports_list() -> str:
+    """README's list of the other models' reports under reports/, a line each."""
+    lines = []
+    for path in sorted(DEFAULT_REPORTS.glob("*/REPORT-*.md")):
+        title = path.read_text(encoding="utf-8").splitlines()[0].removeprefix("# knorm-study report ")
+        lines.append(f"- [{path.parent.name}, {path.stem.removeprefix('REPORT-')} profile]"
+                     f"({path.relative_to(ROOT)}): {title}\n")
+    return "".join(lines) or "- none yet: `make report MODEL=<hub id or local path>` adds one\n"
+
+
+def replace_block(name: str, content: str) -> None:
+    """Replace README.md's text between ``<!-- <name>:start -->`` and ``<!-- <name>:end -->``."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = f"<!-- {name}:start -->\n{content}<!-- {name}:end -->"
+    new, n = re.subn(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", lambda _: block, text, flags=re.S)
+    if n and new != text:
         runtime.write_text_atomic(readme, new)
-    print(f"rendered {len(bodies)} section(s) for profile {args.profile!r}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,37 @@
-"""`make report`: run every study notebook headless with papermill, resumably.
+"""`make report`: run every study notebook headless with papermill, resumably, on any model.
 
 For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
 the knorm_study modules it imports, the notebook runner, data/manifest.json, the corpora's bytes,
-requirements.txt and the profile) hash the same as at its last successful run and its results file records the profile's default
-parameters; otherwise execute it in the project's kernel (``notebook_runner``: a per-cell timeout,
-one retry for a timeout, papermill's cell progress on screen), with the executed copy written to
-``build/notebooks/<profile>/``. This is the only writer of the committed ``data/results/`` and (full
-profile) ``figures/``. A failing notebook is reported with its failing cell and the run exits
-non-zero; every finished notebook keeps its (atomically written) results. At the end, the results
-are compared field by field with the committed ones (``compare_results.py``).
+requirements.txt, the profile and the model, device and dtype) hash the same as at its last
+successful run and its results file records the profile's default parameters; otherwise execute
+it in the project's kernel (``notebook_runner``: a per-cell timeout, one retry for a timeout,
+papermill's cell progress on screen), with the executed copy written to
+``build/notebooks/[<slug>/]<profile>/``. This is the only writer of the committed ``data/results/``
+and (full profile) ``figures/``. A failing notebook is reported with its failing cell and the run
+exits non-zero; every finished notebook keeps its (atomically written) results. At the end, the
+results are compared field by field with the committed ones (``compare_results.py``) and the
+report is rendered (``render_report.py``).
+
+``--model`` (a Hugging Face id or local path), ``--device`` and ``--dtype`` run the same notebooks
+on another model: its results, figures, stamps and executed notebooks go under its slug
+(``runtime.model_slug``: the embedded model's own committed paths are only ever written by the
+embedded model in float32 on a CPU), its report to ``reports/<slug>/REPORT-<profile>.md``. Before
+any notebook runs: the profile must be one every notebook knows, the device must be there, and
+the model must exist and be supported (its config is checked without loading weights); then one
+forward is timed and the profile's estimated time printed (``estimate``); a CPU ``paper`` run
+estimated over an hour needs ``--yes``.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +41,8 @@ NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
 HASHED_INPUTS = ("knorm_lib.py", "knorm_study/__init__.py", "knorm_study/runtime.py", "scripts/notebook_runner.py",
                  "data/manifest.json", "requirements.txt")
-RESULTS = ROOT / "data" / "results"
+# the committed results (KNORM_RESULTS_DIR elsewhere: what the tests use)
+RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results"))
 _STUDY_IMPORT = re.compile(r"from\s+knorm_study\s+import[ \t]+([\w \t,]+)|knorm_study\.(\w+)|from\s+knorm_study\.(\w+)\s+import")
 
 
@@ -46,7 +60,7 @@ def study_modules(source: str) -> set[str]:
     return found
 
 
-def notebook_inputs(notebook: Path, profile: str) -> list[Path]:
+def notebook_inputs(notebook: Path, profile: str, slug: str | None = None) -> list[Path]:
     """What a notebook's results depend on: itself, the core and the runner, the study modules it
     imports (so a change to the speed probes reruns 06 only), the data manifest and the pins; for
     the claims ledger also the recorded results it reads (so it reruns after any of them)."""
@@ -58,17 +72,19 @@ def notebook_inputs(notebook: Path, profile: str) -> list[Path]:
     if "claims" in modules:
         from knorm_study import claims
 
-        read = [RESULTS / nb / f"{profile}.json" for nb in claims.SOURCES.values()]
+        read = [RESULTS / nb / (slug or "") / f"{profile}.json" for nb in claims.SOURCES.values()]
     return [notebook, *(ROOT / p for p in HASHED_INPUTS), *(ROOT / "knorm_study" / f"{m}.py" for m in modules), *read]
 
 
-def input_hash(notebook: Path, profile: str) -> str:
+def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None = None, slug: str | None = None) -> str:
     """The notebook's inputs (``notebook_inputs``), the corpora's bytes included (a damaged corpus
-    is never "unchanged")."""
+    is never "unchanged"), and the parameters it runs with."""
     import knorm_lib as kl
 
     h = hashlib.sha256(profile.encode())
-    for path in notebook_inputs(notebook, profile):
+    if parameters and set(parameters) != {"profile"}:
+        h.update(json.dumps(parameters, sort_keys=True).encode())
+    for path in notebook_inputs(notebook, profile, slug):
         h.update(str(path.relative_to(ROOT)).encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     for name in kl.CORPORA:
@@ -83,6 +99,154 @@ def recorded_defaults(results: Path, profile: str) -> bool:
         return False
     res = json.loads(results.read_text(encoding="utf-8"))
     return res.get("profile") == profile and res.get("parameters", {}).get("profile") == profile
+
+
+def notebook_sizes(notebook: Path, profile: str) -> dict[str, Any] | None:
+    """A notebook's parameter defaults with its ``DEFAULTS[profile]`` sizes filled in (read from
+    its source, nothing executed but literal assignments); ``None`` when it has no entry for the
+    profile. Notebooks without ``DEFAULTS`` (07) know every profile."""
+    import ast
+
+    import nbformat
+
+    cells = [c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    namespace: dict[str, Any] = {}
+    for source in cells[:1]:   # the import cell: its upper-case constants and DEFAULTS
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
+                value = eval(compile(ast.Expression(node.value), str(notebook), "eval"), {"dict": dict}, namespace)
+                namespace.update({t.id: value for t in node.targets})
+    params: dict[str, Any] = {}
+    for source in cells[1:3]:   # the parameters cell: plain assignments
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                    and not node.targets[0].id.startswith("_"):
+                try:
+                    params[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    defaults = namespace.get("DEFAULTS")
+    if defaults is None:
+        return params
+    if profile not in defaults:
+        return None
+    return {**params, **{k: v for k, v in defaults[profile].items() if params.get(k) is None}}
+
+
+def _prefill_sweep_tokens(docs: int, context: int, continuation: int, configs: int) -> int:
+    return docs * (context + configs * continuation)
+
+
+# Tokens through the model's forwards per notebook under its sizes ``s``: the dominant terms only
+# (each prefill, each scored continuation, each streaming pass, each timed prefill or decode
+# step). An estimate, not a measurement: the runner prints it and says so.
+FORWARD_TOKENS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "00": lambda s: 4 * s["max_tokens"],
+    "01": lambda s: len(s["corpora"]) * s["n_docs"] * s["n_tokens"],
+    "02": lambda s: len(s["corpora"]) * s["n_docs"] * (2 * s["n_tokens"] + len(s["keep_ratios"]) * len(s["policies"])
+                                                       * (s["n_tokens"] - s["context_len"])),
+    "03": lambda s: (_prefill_sweep_tokens(len(s["corpora"]) * s["n_docs"], s["context_len"], s["continuation_len"],
+                                           len(s["keep_ratios"]) * (6 + len(s["policies"])))
+                     + len(s["corpora"]) * s["n_docs"] * s["stream_tokens"] * len(s["keep_ratios"]) * 6
+                     + s["n_reference_docs"] * s["reference_tokens"]),
+    "04": lambda s: (_prefill_sweep_tokens(len(s["corpora"]) * s["n_docs"], s["context_len"], s["continuation_len"],
+                                           (len(s["policies"]) + 1) * len(s["keep_ratios"]))
+                     + len(s["corpora"]) * s["n_stream_docs"] * s["stream_tokens"]
+                     * ((len(s["streaming_policies"]) + 1) * len(s["keep_ratios"])
+                        + len(s["schedule_keep_ratios"]) * (len(s["prune_afters"]) + 1))),
+    "05": lambda s: (sum(n * len(s["depths"] if c <= 2048 else s["long_depths"]) * c
+                         for c, n in zip(s["contexts"], s["seeds"]))
+                     + s["protocol_seeds"] * 5 * s["protocol_context"] * (1 + len(s["protocol_skip_sets"])
+                                                                          * len(s["protocol_policies"]))
+                     + 3 * s["speed_context"] * len(s["policies"]) * len(s["keep_ratios"])
+                     + s["n_gen_prompts"] * (1 + len(s["gen_keep_ratios"])) * (s["gen_prompt_tokens"] + s["gen_new_tokens"])),
+    "06": lambda s: (sum(((s["n_long_repeats"] if n > 4096 else s["n_repeats"]) + 1) * n for n in s["context_lens"])
+                     * len(s["policies"]) + sum(s["cold_lens"]) * s["n_cold_processes"] * 2),
+    "07": lambda s: 0,
+}
+
+
+def estimate(notebooks: list[Path], profile: str, forward_s_per_token: float) -> dict[str, float]:
+    """Seconds per notebook: its forward tokens (``FORWARD_TOKENS``) at the measured rate."""
+    out = {}
+    for nb in notebooks:
+        sizes = notebook_sizes(nb, profile)
+        key = nb.stem[:2]
+        out[nb.stem] = FORWARD_TOKENS[key](sizes) * forward_s_per_token if key in FORWARD_TOKENS else 0.0
+    return out
+
+
+def measured_forward_s_per_token(model: Any, n_tokens: int = 1024) -> float:
+    """Seconds per token of one forward of ``n_tokens`` random ids (after a warm-up), on the model's device."""
+    import torch
+
+    n_tokens = min(n_tokens, getattr(model.config, "max_position_embeddings", n_tokens))
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        model(ids[:, :64])
+        sync()
+        t0 = time.perf_counter()
+        model(ids)
+        sync()
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def preflight(args: argparse.Namespace, notebooks: list[Path]) -> None:
+    """Every error before heavy work: a profile a notebook does not know, a dtype or device that is
+    not there, a model that does not exist or that knorm_lib refuses (from its config alone)."""
+    import knorm_lib as kl
+    import torch
+
+    unknown = [nb.stem for nb in notebooks if notebook_sizes(nb, args.profile) is None]
+    if unknown:
+        raise SystemExit(f"--profile {args.profile}: not a profile of {', '.join(unknown)}")
+    if args.dtype is not None and args.dtype not in runtime.DTYPES:
+        raise SystemExit(f"--dtype {args.dtype}: choose one of {', '.join(runtime.DTYPES)}")
+    try:
+        kl._check_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if args.device.startswith("cuda:") and int(args.device.split(":")[1]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.model is None:
+        return
+    from transformers import AutoConfig
+
+    name = str(args.model)
+    if kl._looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
+        raise SystemExit(f"--model {name}: no model directory with a config.json there")
+    source = str(Path(name).expanduser()) if kl._looks_like_path(name) else name
+    try:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if kl._looks_like_path(name) or not kl._hub_reachable():
+            raise SystemExit(f"--model {name}: not a local model directory and not in the Hugging Face cache, "
+                             f"and the hub is not reachable ({err})") from None
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    try:
+        kl._check_config(cfg, (getattr(cfg, "architectures", None) or [cfg.model_type])[0])
+    except (ValueError, NotImplementedError) as err:
+        raise SystemExit(f"--model {name}: {err}") from None
+
+
+def model_slug(args: argparse.Namespace) -> str | None:
+    """The slug the notebooks will record this model's results under (``runtime.model_slug``),
+    worked out before any weights load."""
+    import types
+
+    import knorm_lib as kl
+    import torch
+
+    if args.model is None and args.device == "cpu" and args.dtype in (None, "float32"):
+        return None
+    name = str(kl.DEFAULT_MODEL_DIR) if args.model is None else str(args.model)
+    source = str(Path(name).expanduser()) if kl._looks_like_path(name) else name
+    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    stand_in = types.SimpleNamespace(name_or_path=source, dtype=getattr(torch, runtime.model_dtype(args.dtype, args.device)),
+                                     device="cuda" if on_cuda else "cpu")
+    return runtime.model_slug(stand_in)
 
 
 def write_html(executed_dir: Path, html_dir: Path) -> None:
@@ -102,29 +266,66 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
                                          + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
 
 
-def main() -> int:
+def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> None:
+    """Load the model once, time one forward, print the profile's estimated time per notebook;
+    stop a CPU ``paper`` run estimated over an hour unless ``--yes``."""
+    import knorm_lib as kl
+
+    try:   # load_model's own refusals (a layout it cannot evaluate) stop the run here, named
+        model, _ = kl.load_model(args.model, device=args.device, dtype=runtime.model_dtype(args.dtype, args.device))
+    except (ValueError, NotImplementedError, FileNotFoundError) as err:
+        raise SystemExit(f"--model {args.model}: {err}") from None
+    rate = measured_forward_s_per_token(model)
+    del model
+    est = estimate(notebooks, args.profile, rate)
+    total = sum(est.values())
+    print(f"estimated time for the {args.profile} profile on {args.device}: {total / 60:.0f} min "
+          f"(one measured forward: {rate * 1e3:.2f} ms per token × each notebook's forward tokens; "
+          "an estimate that leaves out per-step overheads): "
+          + ", ".join(f"{nb[:2]} {sec / 60:.0f} min" for nb, sec in est.items()), flush=True)
+    if args.profile == "paper" and not args.device.startswith("cuda") and args.device != "auto" \
+            and total > 3600 and not args.yes:
+        raise SystemExit(f"--profile paper on {args.device}: estimated {total / 3600:.1f} h; "
+                         "rerun with --yes (make report ... YES=1) to go ahead")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="full", choices=list(runtime.PROFILES))
+    ap.add_argument("--model", help="a Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--dtype", help=f"one of {', '.join(runtime.DTYPES)} (default: float32 on a CPU, bfloat16 on CUDA)")
+    ap.add_argument("--yes", action="store_true", help="run a CPU paper profile even when estimated over an hour")
     ap.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
     ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import notebook_runner as runner
 
     notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(p) for p in args.only)]
-    out_dir = BUILD / "notebooks" / args.profile
-    stamp_dir = BUILD / "stamps" / args.profile
+    preflight(args, notebooks)
+    slug = model_slug(args)
+    embedded_default = slug is None
+    if not embedded_default:
+        print(f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}"
+              f"{', ' + args.dtype if args.dtype else ''}: results under {slug}/", flush=True)
+        confirm_estimate(args, notebooks)
+    parameters: dict[str, Any] = {"profile": args.profile}
+    if not embedded_default:
+        parameters.update(model_name=args.model, device=args.device, dtype=args.dtype)
+    out_dir = BUILD / "notebooks" / (slug or "") / args.profile
+    stamp_dir = BUILD / "stamps" / (slug or "") / args.profile
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_dir.mkdir(parents=True, exist_ok=True)
     figures = runtime.report_figures_dir(args.profile)
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
-        digest = input_hash(nb, args.profile)
+        digest = input_hash(nb, args.profile, parameters, slug)
         stamp = stamp_dir / f"{nb.stem}.json"
-        results = RESULTS / nb.stem / f"{args.profile}.json"
+        results = RESULTS / nb.stem / (slug or "") / f"{args.profile}.json"
         prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
         if not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
                 and json.loads(stamp.read_text())["hash"] == digest:
@@ -133,26 +334,29 @@ def main() -> int:
         print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
         t0 = time.time()
         try:
-            runner.execute(nb, out_dir / nb.name, {"profile": args.profile}, progress=True,
-                           results_dir=RESULTS, figures_dir=figures)
+            runner.execute(nb, out_dir / nb.name, parameters, progress=True, results_dir=RESULTS, figures_dir=figures)
         except runner.NotebookFailed as exc:   # report it with its cell, keep going
             failures.append(nb.stem)
             print(f"{prefix}: FAILED after {time.time() - t0:.0f} s: {exc}\n"
                   f"    executed copy: {out_dir / nb.name}", flush=True)
             continue
-        if not results.exists():
+        recorded = [p for p in (RESULTS / nb.stem / (slug or "")).glob("*.json") if p.stat().st_mtime >= t0]
+        if not recorded:   # (06 on CUDA records as gpu-<card>.json)
             failures.append(nb.stem)
             print(f"{prefix}: FAILED: it did not record {results.relative_to(ROOT)}", flush=True)
             continue
         runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
-        print(f"{prefix}: done in {time.time() - t0:.0f} s", flush=True)
-    write_html(out_dir, BUILD / "html" / args.profile)
+        print(f"{prefix}: done in {time.time() - t0:.0f} s; recorded "
+              + ", ".join(str(p.relative_to(ROOT)) for p in recorded), flush=True)
+    write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
-          f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / args.profile).relative_to(ROOT)}/index.html",
-          flush=True)
+          f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / (slug or '') / args.profile).relative_to(ROOT)}"
+          "/index.html", flush=True)
     import compare_results
+    import render_report
 
-    compare_results.main(["--profile", args.profile])
+    compare_results.main(["--profile", args.profile, "--run", str(RESULTS)] + (["--slug", slug] if slug else []))
+    render_report.main(["--profile", args.profile] + (["--model", slug] if slug else []))
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -361,22 +361,34 @@ def test_07_recorded_numbers(executed):
     assert [x["verdict"] for x in passkey_rows] == [c["verdict"] for c in recorded]
 
 
-def test_every_notebook_runs_on_another_architecture(tmp_path):
-    """The quick profile of every notebook on a tiny random-weight Qwen2 checkpoint (another
-    architecture, not the embedded model): each runs to its findings, records under the model's
-    slug (the embedded model's paths stay untouched) and names no SmolLM2 in what it prints."""
+def test_one_command_runs_every_notebook_on_another_architecture(tmp_path, monkeypatch, capsys):
+    """`make report MODEL=<dir> PROFILE=quick` (run_report.main) on a tiny random-weight Qwen2
+    checkpoint (another architecture, not the embedded model): the estimate is printed first, every
+    notebook runs to its findings and records under the model's slug (the embedded model's paths
+    untouched), names no SmolLM2 in what it prints, the model's report is rendered, README.md is
+    left alone, and the kernel's TCP warning never reaches the screen."""
+    import render_report
+    import run_report
     from helpers import _save
 
     path = _save(tmp_path, "qwen2", dict(num_hidden_layers=4, max_position_embeddings=2048))
-    results, figures = tmp_path / "results", tmp_path / "figures"
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for module, name, value in ((run_report, "RESULTS", results), (render_report, "RESULTS", results),
+                                (render_report, "REPORTS", reports)):
+        monkeypatch.setattr(module, name, value)
+    readme = (ROOT / "README.md").read_text()
+    assert run_report.main(["--model", path, "--profile", "quick", "--force"]) == 0
+    screen = capsys.readouterr()
+    assert "estimated time for the quick profile on cpu" in screen.out
+    assert "without encryption" not in screen.out + screen.err
     for nb in NOTEBOOKS:
-        runner.execute(nb, tmp_path / nb.name, {"profile": "quick", "model_name": path}, results_dir=results,
-                       figures_dir=figures)
         recorded = json.loads((results / nb.stem / "qwen2" / "quick.json").read_text())
         assert recorded["identity"]["model_slug"] == "qwen2" and recorded["identity"]["model_name"] == path
         assert not (results / nb.stem / "quick.json").exists()
-        out = nbformat.read(tmp_path / nb.name, as_version=4)
+        out = nbformat.read(ROOT / "build" / "notebooks" / "qwen2" / "quick" / nb.name, as_version=4)
         printed = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
                           for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
         assert "SmolLM2" not in printed, nb.stem
-    assert list(figures.iterdir()) == [figures / "qwen2"]
+    report = (reports / "qwen2" / "REPORT-quick.md").read_text()
+    assert report.startswith("# knorm-study report (qwen2, quick profile)") and "## 07 · The claims ledger" in report
+    assert (ROOT / "README.md").read_text() == readme

@@ -165,11 +165,11 @@ def test_report_renders_another_models_results(tmp_path):
     target.parent.mkdir(parents=True)
     target.write_text(json.dumps(record))
     readme = (ROOT / "README.md").read_text()
-    out = ROOT / "build" / "REPORT-org--tiny-full.md"
-    out.unlink(missing_ok=True)
+    reports = tmp_path / "reports"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "render_report.py"), "--model", "org--tiny"], check=True,
-                   env={**os.environ, "KNORM_RESULTS_DIR": str(tmp_path)}, capture_output=True)
-    text = out.read_text()
+                   env={**os.environ, "KNORM_RESULTS_DIR": str(tmp_path), "KNORM_REPORTS_DIR": str(reports)},
+                   capture_output=True)
+    text = (reports / "org--tiny" / "REPORT-full.md").read_text()
     assert text.startswith("# knorm-study report (org/tiny, full profile)") and "figures/org--tiny/01_norm" in text
     assert (ROOT / "README.md").read_text() == readme
 
@@ -233,3 +233,67 @@ def test_other_models_records_sit_under_their_own_slug(path):
     assert record["notebook"] == path.parent.parent.name
     if path.stem.startswith("gpu-"):
         assert record["profile"] == path.stem and record["machine"].get("gpu")
+
+
+def _notebook_with_profiles(tmp_path, profiles):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"DEFAULTS = {{{', '.join(repr(p) + ': dict(n=1)' for p in profiles)}}}"),
+                nbformat.v4.new_code_cell("profile = 'full'\nn = None")]
+    path = tmp_path / "99_test.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"profile": "full", "model": None, "device": "cpu", "dtype": None, **kw})
+
+
+def test_the_runner_refuses_bad_input_before_any_notebook_runs(tmp_path):
+    """A profile a notebook does not know, a dtype or device that is not there, a model directory
+    without a config and an architecture load_model refuses: each stops the runner naming the
+    argument, from the config alone (no weights load)."""
+    import torch
+    from helpers import REFUSED, _save
+
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for profile in runtime.PROFILES:   # every notebook knows every profile
+        run_report.preflight(_args(profile=profile), notebooks)
+    with pytest.raises(SystemExit, match="--profile paper: not a profile of 99_test"):
+        run_report.preflight(_args(profile="paper"), [_notebook_with_profiles(tmp_path, ["quick", "full"])])
+    with pytest.raises(SystemExit, match="--dtype float8"):
+        run_report.preflight(_args(dtype="float8"), notebooks)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device: .*no CUDA device"):
+            run_report.preflight(_args(device="cuda"), notebooks)
+    with pytest.raises(SystemExit, match="--device: .*'cpu', 'cuda'"):
+        run_report.preflight(_args(device="tpu"), notebooks)
+    with pytest.raises(SystemExit, match="--model .*no model directory with a config.json"):
+        run_report.preflight(_args(model=str(tmp_path / "nowhere")), notebooks)
+    overrides, feature = REFUSED["gemma2"]
+    refused = _save(tmp_path, "gemma2", overrides)
+    with pytest.raises(SystemExit, match=f"--model {refused}: .*({feature})"):
+        run_report.preflight(_args(model=refused), notebooks)
+
+
+def test_the_runner_knows_the_slug_before_loading(tmp_path):
+    """The slug the runner stamps and compares under is the one the notebooks record under: None
+    only for the embedded model in float32 on a CPU."""
+    assert run_report.model_slug(_args()) is None
+    assert run_report.model_slug(_args(dtype="bfloat16")) == "smollm2-135m-instruct-bfloat16"
+    assert run_report.model_slug(_args(model="org/Tiny-1B", dtype="float32")) == "org--tiny-1b"
+    local = tmp_path / "my model"
+    local.mkdir()
+    assert run_report.model_slug(_args(model=str(local), dtype="float16")) == "my-model-float16"
+
+
+@pytest.mark.parametrize("profile", runtime.PROFILES)
+def test_every_notebook_has_a_forward_token_count(profile):
+    """The runner's estimate covers every notebook in every profile, and paper > full > quick."""
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    est = run_report.estimate(notebooks, profile, 1.0)
+    assert set(est) == {nb.stem for nb in notebooks}
+    if profile != "quick":
+        smaller = run_report.estimate(notebooks, {"full": "quick", "paper": "full"}[profile], 1.0)
+        assert sum(est.values()) > sum(smaller.values())

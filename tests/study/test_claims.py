@@ -106,6 +106,40 @@ def test_headline_counts_the_verdicts():
     counts = {v: sum(r["verdict"] == v for r in rows) for v in claims.VERDICTS}
     assert f"{counts['holds']} hold, {counts['fails']} fail" in line and f"{counts['not measured']} not measured" in line
     assert math.isfinite(counts["holds"]) and line.startswith("- **Claims ledger")
+    table = [x for x in line.splitlines() if x.startswith("  | ")]
+    assert table[0] == "  | claim | protocol | number | n | verdict |" and len(table) == len(rows) + 1
+    assert all(f"| **{r['verdict']}** |" in t for r, t in zip(rows, table[1:]))
+
+
+def _record(slug, profile, rows):
+    return {"profile": profile, "identity": {"model_slug": slug, "model_name": slug and f"org/{slug}",
+                                             "dtype": "torch.float32"}, "results": {"ledger": rows}}
+
+
+def test_the_ledger_across_models_shows_each_claim_once_with_a_column_each(tmp_path):
+    """Two records' ledgers side by side: a claim that fails for one model and holds for the other
+    reads so in one row; a claim only one record has reads "—" in the other's column."""
+    small = claims.ledger(_own(6, burst_ppl=14.0), {k: None for k in claims.SOURCES})
+    big = [dict(r, verdict="holds", measured="PPL +1.0%", n=20) if r["key"] == "lm.bursts" else r for r in small
+           if r["key"] != "lm.per_token_vs_bursts"]
+    assert [r["verdict"] for r in small if r["key"] == "lm.bursts"] == ["fails"]
+    table = claims.across_models([_record(None, "full", small), _record("big", "paper", big)])
+    lines = table.splitlines()
+    assert lines[0] == "  | claim | protocol | SmolLM2-135M-Instruct · full | org/big · paper |"
+    bursts = [x for x in lines if x.startswith("  | ") and "reference LM" in x]
+    assert len(bursts) == 1 and "**fails**" in bursts[0].split("|")[3] and "**holds** PPL +1.0% (n = 20)" in bursts[0]
+    only_small = [x for x in lines if x.startswith("  | Cutting the cache back")]
+    assert len(only_small) == 1 and only_small[0].rstrip(" |").endswith("—")
+    assert len({r["key"] for r in small}) == len(small)   # every row has its own key
+    # other_ledgers: every 07 record but the one asked about
+    for slug, profile, rows in ((None, "full", small), ("big", "paper", big)):
+        path = tmp_path / "07_paper_claims" / (slug or "") / f"{profile}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_record(slug, profile, rows)))
+    others = claims.other_ledgers(_record(None, "full", small), tmp_path)
+    assert [o["identity"]["model_slug"] for o in others] == ["big"]
+    line = claims.headline(_record(None, "full", small), others)
+    assert "| org/big · paper |" in line
 
 
 def test_passkey_rows_carry_the_recorded_verdicts():
