@@ -95,12 +95,27 @@ def section_00(res: dict) -> tuple[str, str]:
 Defaults: keep_ratio {s['keep_ratio']}, policy {s['policy']}, skip_layers {s['skip_layers']}, {s['position_mode']}
 positions; context {r['context_len']} tokens, {s['n_scored']} scored. PPL {s['ppl']:.3f}, next-token accuracy
 {s['next_token_acc']:.3f}, KL {s['kl']:.4f}; greedy continuation matches the full cache for
-{r['agreement']['matching_prefix']} tokens. One slider update (re-compress, re-score, regenerate) took
-{min(r['update_seconds']):.2f}–{max(r['update_seconds']):.2f} s in the headless run.
+{r['agreement']['matching_prefix']} tokens. {_explorer_latency(r)}
 
 ![explorer](figures/explore.png)
 """
     return body, ""
+
+
+def _explorer_latency(r: dict) -> str:
+    """00's two latencies in words: a slider move read from the grid, and a full recompute."""
+    full = (f"a full recompute (re-compress, re-score, regenerate) took {min(r['update_seconds']):.2f}–"
+            f"{max(r['update_seconds']):.2f} s")
+    if not r.get("read_seconds"):
+        return f"One slider update ({full.removeprefix('a full recompute ')}) in the headless run."
+    from knorm_study.explore import Explorer
+
+    reads = sorted(r["read_seconds"])
+    grid = ", ".join(f"{p} {s:.1f} s" for p, s in r.get("grid_seconds_by_policy", {}).items())
+    return (f"In the headless run a slider move read from the precomputed grid in {1e3 * reads[len(reads) // 2]:.0f} ms "
+            f"(median of {len(reads)}, {1e3 * reads[0]:.0f}–{1e3 * reads[-1]:.0f} ms; the widgets set from code, "
+            f"without a browser's drawing), while {full}. Prefill {r.get('prefill_seconds', float('nan')):.2f} s; "
+            f"filling the slider's grid of {len(Explorer.GRID)} keep_ratios took {grid or 'not recorded'}.")
 
 
 def section_01(res: dict) -> tuple[str, str]:

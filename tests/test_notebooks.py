@@ -121,6 +121,16 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def test_00_records_a_read_from_the_grid_and_a_full_recompute(executed):
+    """The explorer's headless run waits for the default policy's grid, then records each read's
+    latency apart from the full recompute's; a read does no model work, so it is the faster."""
+    r = _results("00_explore")["results"]
+    assert len(r["read_seconds"]) >= 10 and len(r["update_seconds"]) == 3
+    assert max(r["read_seconds"]) < min(r["update_seconds"])
+    assert "knorm" in r["grid_seconds_by_policy"] and r["grid_seconds_by_policy"]["knorm"] > 0
+    assert r["summary"]["n_kept"] == r["kept_in_view"]
+
+
 def test_01_recorded_numbers(executed):
     res = _results("01_norm_distributions")
     s = res["results"]["summary"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from knorm_study import explore
@@ -18,3 +20,64 @@ def test_explorer_setting_checks(tiny32):
         with pytest.raises(ValueError, match=match):
             explore.Explorer.check_setting(tiny32, **{**ok, **bad})
 
+
+
+class _ByteTokenizer:
+    """Bytes as token ids (the tiny models' vocabulary is 256)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        import torch
+
+        return {"input_ids": torch.tensor([list(text.encode())])}
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny_explorer(tiny32):
+    text = " ".join(f"word{i % 50}" for i in range(200))
+    return explore.Explorer(tiny32, _ByteTokenizer(), text, max_tokens=64, n_generate=4)
+
+
+def test_grid_points_equal_a_full_recompute(tiny_explorer):
+    """What the slider reads from the grid is what recomputing the setting gives: PPL, KL,
+    accuracy, kept positions and the continuation."""
+    ex = tiny_explorer
+    setting = ex.setting(0.5, "knorm", (0, 1), "absolute")
+    cached = ex.view(0.5, layer=2, kv_head=1, cached=True)
+    fresh = ex.view(0.5, layer=2, kv_head=1, cached=False)
+    assert setting in ex.points and setting in ex.continuations
+    assert cached.result.summary() == fresh.result.summary() and cached.kept == fresh.kept
+    assert cached.continuation == fresh.continuation and cached.agreement == fresh.agreement
+    assert sum(cached.kept) == cached.result.n_kept
+
+
+def test_the_worker_fills_the_current_setting_first_then_its_grid(tiny_explorer):
+    """The current setting's point, then its continuation, then the grid nearest first; join
+    waits for one policy's grid; paused computes nothing; stop ends the thread."""
+    ex = explore.Explorer(tiny_explorer.model, tiny_explorer.tokenizer, tiny_explorer.text, max_tokens=64, n_generate=4)
+    order: list[tuple[str, explore.Setting]] = []
+    worker = explore.GridWorker(ex, ["knorm", "random"], lambda kind, s: order.append((kind, s)))
+    worker.set_current(ex.setting(0.5, "knorm"), compare="random")
+    worker.join(["knorm"])
+    assert order[:3] == [("point", (0.5, "knorm", (0, 1), "absolute")), ("point", (0.5, "random", (0, 1), "absolute")),
+                         ("continuation", (0.5, "knorm", (0, 1), "absolute"))]
+    knorm_grid = [s[0] for kind, s in order if kind == "point" and s[1] == "knorm"]
+    assert sorted(knorm_grid) == list(explore.Explorer.GRID)
+    assert [abs(k - 0.5) for k in knorm_grid] == sorted(abs(k - 0.5) for k in knorm_grid)
+    with worker.paused():
+        n = len(order)
+        time.sleep(0.3)
+        assert len(order) == n
+    worker.join()
+    assert worker.pending() == 0 and len(ex.points) == 2 * len(explore.Explorer.GRID)
+    worker.stop()
+    assert not worker._thread.is_alive()
+
+
+def test_highlight_and_curve_show_two_policies():
+    html = explore.highlight_html(["a", "b", "c", "d"], [True, True, False, False], [True, False, True, False],
+                                  ("knorm", "random"))
+    assert [html.count(f'class="{c}"') for c in ("kept", "only-a", "only-b", "evicted")] == [1, 1, 1, 1]
+    assert "only knorm" in html and "only random" in html and "by neither" in html
