@@ -282,7 +282,9 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
     lines = ["  | " + " | ".join(header) + " |", "  |" + "---|" * len(header)]
     for k in order:
         row = first(k)
-        protocol = row["protocol"].split(",")[0].split("(")[0].strip()
+        # the protocol without its sizes (they differ by column; listed under the table)
+        protocol = (", ".join(k.split(".", 2)[1:]) if k.startswith("passkey.")
+                    else row["protocol"].split(",")[0].split("(")[0].strip())
         lines.append(f"  | {row['claim']} | {protocol} | " + " | ".join(
             f"**{c[k]['verdict']}** {c[k]['measured']} (n = {c[k]['n']})" if k in c else "—" for c in cells) + " |")
     sizes = [f"  - {column_label(r)}: " + "; ".join(dict.fromkeys(x["protocol"] for x in r["results"]["ledger"]))
@@ -291,17 +293,19 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
 
 
 def other_ledgers(record: dict[str, Any], results_dir: Any = None) -> list[dict[str, Any]]:
-    """Every other 07 record under ``results_dir`` (default ``runtime.RESULTS_DIR``): the embedded
-    model's other profiles and every other model's (``<notebook>/<slug>/<profile>.json``), GPU-only
-    records of 06 aside."""
+    """Every other 07 record under ``results_dir`` (default ``runtime.RESULTS_DIR``) whose verdicts
+    were computed by this module's rules (its ``code_sha256`` recorded): the embedded model's other
+    profiles and every other model's (``<notebook>/<slug>/<profile>.json``)."""
     from pathlib import Path
 
+    rules = runtime.code_sha256(Path(__file__))
     base = Path(results_dir or runtime.RESULTS_DIR) / "07_paper_claims"
     out = []
     for path in sorted([*base.glob("*.json"), *base.glob("*/*.json")]):
         rec = json.loads(path.read_text(encoding="utf-8"))
-        same = (rec.get("identity", {}).get("model_slug") == record.get("identity", {}).get("model_slug")
+        identity = rec.get("identity", {})
+        same = (identity.get("model_slug") == record.get("identity", {}).get("model_slug")
                 and rec.get("profile") == record.get("profile"))
-        if not same and rec.get("results", {}).get("ledger"):
+        if not same and identity.get("library_code_sha256", {}).get("knorm_study/claims.py") == rules:
             out.append(rec)
     return out

@@ -297,3 +297,22 @@ def test_every_notebook_has_a_forward_token_count(profile):
     if profile != "quick":
         smaller = run_report.estimate(notebooks, {"full": "quick", "paper": "full"}[profile], 1.0)
         assert sum(est.values()) > sum(smaller.values())
+
+
+def test_a_long_cpu_paper_run_needs_yes(tmp_path, monkeypatch, capsys):
+    """The runner prints the estimate from one measured forward; a CPU paper run estimated over an
+    hour stops unless --yes."""
+    from helpers import _save
+
+    path = _save(tmp_path, "llama", dict(num_hidden_layers=2))
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    monkeypatch.setattr(run_report, "measured_forward_s_per_token", lambda model: 1e-3)
+    with pytest.raises(SystemExit, match="--profile paper on cpu: estimated .* h; rerun with --yes"):
+        run_report.confirm_estimate(_args(model=path, profile="paper", yes=False), notebooks)
+    assert "estimated time for the paper profile on cpu" in capsys.readouterr().out
+    run_report.confirm_estimate(_args(model=path, profile="paper", yes=True), notebooks)
+    run_report.confirm_estimate(_args(model=path, profile="quick", yes=False), notebooks)
+
+
+def test_the_measured_forward_rate_is_positive(tiny32):
+    assert 0 < run_report.measured_forward_s_per_token(tiny32, n_tokens=32) < 1

@@ -111,9 +111,14 @@ def test_headline_counts_the_verdicts():
     assert all(f"| **{r['verdict']}** |" in t for r, t in zip(rows, table[1:]))
 
 
-def _record(slug, profile, rows):
+def _record(slug, profile, rows, rules=None):
+    from knorm_study import runtime
+
+    rules = rules or runtime.code_sha256(ROOT / "knorm_study" / "claims.py")
     return {"profile": profile, "identity": {"model_slug": slug, "model_name": slug and f"org/{slug}",
-                                             "dtype": "torch.float32"}, "results": {"ledger": rows}}
+                                             "dtype": "torch.float32",
+                                             "library_code_sha256": {"knorm_study/claims.py": rules}},
+            "results": {"ledger": rows}}
 
 
 def test_the_ledger_across_models_shows_each_claim_once_with_a_column_each(tmp_path):
@@ -132,12 +137,13 @@ def test_the_ledger_across_models_shows_each_claim_once_with_a_column_each(tmp_p
     assert len(only_small) == 1 and only_small[0].rstrip(" |").endswith("—")
     assert len({r["key"] for r in small}) == len(small)   # every row has its own key
     # other_ledgers: every 07 record but the one asked about
-    for slug, profile, rows in ((None, "full", small), ("big", "paper", big)):
+    for slug, profile, rows, rules in ((None, "full", small, None), ("big", "paper", big, None),
+                                       ("old", "full", big, "other rules")):
         path = tmp_path / "07_paper_claims" / (slug or "") / f"{profile}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_record(slug, profile, rows)))
+        path.write_text(json.dumps(_record(slug, profile, rows, rules)))
     others = claims.other_ledgers(_record(None, "full", small), tmp_path)
-    assert [o["identity"]["model_slug"] for o in others] == ["big"]
+    assert [o["identity"]["model_slug"] for o in others] == ["big"]   # not itself, not another rule set's
     line = claims.headline(_record(None, "full", small), others)
     assert "| org/big · paper |" in line
 
