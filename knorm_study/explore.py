@@ -331,15 +331,17 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
     w_apply = widgets.Button(description="prefill this text")
     status, metrics_out, curve_out, text_out, norms_out, gen_out = (widgets.HTML() for _ in range(6))
 
-    def current() -> tuple[Setting, str | None]:
+    def current(keep_ratio: float | None = None) -> tuple[Setting, str | None]:
         compare = None if w_compare.value == "none" or w_compare.value == w_policy.value else w_compare.value
-        return ui.explorer.setting(w_keep.value, w_policy.value, w_skip.value, w_mode.value), compare
+        keep_ratio = w_keep.value if keep_ratio is None else keep_ratio
+        return ui.explorer.setting(keep_ratio, w_policy.value, w_skip.value, w_mode.value), compare
 
-    def render(*_: Any) -> None:
+    def render(*_: Any, keep_ratio: float | None = None) -> None:
+        """Show the setting the widgets hold (``keep_ratio``: another grid point, the slider left where it is)."""
         with ui.lock:
             t0 = time.perf_counter()
             ex = ui.explorer
-            setting, compare = current()
+            setting, compare = current(keep_ratio)
             ui.worker.set_current(setting, compare)
             point = ex.points.get(setting)
             other = ex.points.get((setting[0], compare, *setting[2:])) if compare else None
@@ -352,12 +354,12 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
             norms_out.value = ui.norm_strip(w_layer.value)
             curve_out.value = curve_svg(ex.points, setting, compare)
             cont = ex.continuations.get(setting)
-            gen_out.value = ("<i>generating the continuation…</i>" if cont is None else
+            gen_out.value = '<div id="continuation">' + ("<i>generating the continuation…</i>" if cont is None else
                              f"<table><tr><th>compressed cache</th><th>full cache</th></tr><tr>"
                              f"<td style='vertical-align:top'>{cont.text}</td>"
                              f"<td style='vertical-align:top'>{ex.tokenizer.decode(ex.reference_ids)}</td></tr></table>"
                              f"matching prefix {cont.agreement['matching_prefix']} tokens, agreement "
-                             f"{cont.agreement['token_agreement']:.2f}; generated in {cont.seconds:.2f} s")
+                             f"{cont.agreement['token_agreement']:.2f}; generated in {cont.seconds:.2f} s") + "</div>"
             ui.read_seconds.append(time.perf_counter() - t0)
             status.value = (f'<span id="status">read in {1e3 * ui.read_seconds[-1]:.0f} ms · grid '
                             f"{ui.filled(setting)}/{len(Explorer.GRID)} for {setting[1]}"
@@ -376,6 +378,7 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
         render()
         status.value += f" · prefilled {ui.explorer.context_len} tokens in {ui.explorer.prefill_seconds:.2f} s"
 
+    ui.render = render
     ui.widgets.update(keep_ratio=w_keep, policy=w_policy, compare=w_compare, skip_layers=w_skip, position_mode=w_mode,
                       layer=w_layer, kv_head=w_head, status=status, metrics=metrics_out)
     ui.start_worker(on_ready)
@@ -398,6 +401,7 @@ class Controls:
         self.lock = threading.RLock()
         self.read_seconds: list[float] = []
         self.worker: GridWorker | None = None
+        self.render: Callable[..., None] = lambda **_: None   # set by ``controls``
         self.widgets: dict[str, Any] = {}
         self._strips: dict[tuple[int, int], str] = {}
 

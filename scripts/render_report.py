@@ -113,7 +113,7 @@ def _explorer_latency(r: dict) -> str:
     reads = sorted(r["read_seconds"])
     grid = ", ".join(f"{p} {s:.1f} s" for p, s in r.get("grid_seconds_by_policy", {}).items())
     return (f"In the headless run a slider move read from the precomputed grid in {1e3 * reads[len(reads) // 2]:.0f} ms "
-            f"(median of {len(reads)}, {1e3 * reads[0]:.0f}–{1e3 * reads[-1]:.0f} ms; the widgets set from code, "
+            f"(median of {len(reads)}, {1e3 * reads[0]:.0f}–{1e3 * reads[-1]:.0f} ms; redrawn from code for grid points, "
             f"without a browser's drawing), while {full}. Prefill {r.get('prefill_seconds', float('nan')):.2f} s; "
             f"filling the slider's grid of {len(Explorer.GRID)} keep_ratios took {grid or 'not recorded'}.")
 

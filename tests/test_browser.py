@@ -135,8 +135,8 @@ def test_explorer_slider_in_real_browser(jupyterlab):
         t0 = time.perf_counter()
         handle.focus()
         page.keyboard.press("ArrowRight")
-        page.get_by_text("generating the continuation").first.wait_for(timeout=30_000)
-        page.get_by_text("generated in").first.wait_for(timeout=120_000)
+        page.locator("#continuation", has_text="generating the continuation").wait_for(timeout=30_000)
+        page.locator("#continuation", has_text="generated in").wait_for(timeout=120_000)
         continuation_s = time.perf_counter() - t0
         assert kept() == kl.n_kept_for(context, 0.55)
 
@@ -155,7 +155,15 @@ def test_explorer_slider_in_real_browser(jupyterlab):
         seen_during_drag = page.evaluate("() => window.__seen.size")
         assert seen_during_drag >= 3   # the metrics changed while the handle moved, not only on release
 
-        # two policies compared
+        # two policies compared, at keep_ratio 0.5 (the drag may have ended at 1.0, where both keep all)
+        handle.focus()
+        for _ in range(20):
+            page.keyboard.press("ArrowLeft")
+        for _ in range(9):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function("n => { const e = document.querySelector('#metrics .n-kept'); "
+                               "return e && e.textContent === String(n); }", arg=kl.n_kept_for(context, 0.5),
+                               timeout=60_000)
         compare = page.locator(".widget-dropdown", has=page.locator("label", has_text="compare with")).locator("select")
         compare.select_option("random")
         page.locator(".legend", has_text="only random").wait_for(timeout=120_000)
