@@ -343,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         recorded = [p for p in (RESULTS / nb.stem / (slug or "")).glob("*.json") if p.stat().st_mtime >= t0]
         if not recorded:   # (06 on CUDA records as gpu-<card>.json)
             failures.append(nb.stem)
-            print(f"{prefix}: FAILED: it did not record {results.relative_to(ROOT)}", flush=True)
+            print(f"{prefix}: FAILED: it did not record {results}", flush=True)
             continue
         runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
         print(f"{prefix}: done in {time.time() - t0:.0f} s; recorded "
-              + ", ".join(str(p.relative_to(ROOT)) for p in recorded), flush=True)
+              + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in recorded), flush=True)
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
           f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / (slug or '') / args.profile).relative_to(ROOT)}"
