@@ -46,6 +46,11 @@ RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results"))
 _STUDY_IMPORT = re.compile(r"from\s+knorm_study\s+import[ \t]+([\w \t,]+)|knorm_study\.(\w+)|from\s+knorm_study\.(\w+)\s+import")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the project when it lies inside it (results may live elsewhere)."""
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def study_modules(source: str) -> set[str]:
     """The knorm_study modules ``source`` imports, and those they import in turn."""
     found: set[str] = set()
@@ -85,7 +90,7 @@ def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None =
     if parameters and set(parameters) != {"profile"}:
         h.update(json.dumps(parameters, sort_keys=True).encode())
     for path in notebook_inputs(notebook, profile, slug):
-        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(_shown(path).encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     for name in kl.CORPORA:
         h.update(kl.verified_corpus_path(name).name.encode())
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
         print(f"{prefix}: done in {time.time() - t0:.0f} s; recorded "
-              + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in recorded), flush=True)
+              + ", ".join(_shown(p) for p in recorded), flush=True)
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
           f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / (slug or '') / args.profile).relative_to(ROOT)}"
