@@ -33,10 +33,11 @@ test: data browser
 	$(PY) -m pytest -q tests
 
 # Any model, device and dtype: make report MODEL=<hub id or local path> DEVICE=cuda DTYPE=bfloat16 PROFILE=paper
-# (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU paper run).
+# (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU paper run;
+# LEDGER=1 runs only what the claims ledger reads: 02, 04 and 07 with the variants its rows use).
 report: data
 	$(PY) scripts/run_report.py --profile $(PROFILE) $(if $(MODEL),--model "$(MODEL)") \
-	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes)
+	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes) $(if $(LEDGER),--ledger)
 
 lab: data
 	$(VENV)/bin/jupyter lab notebooks/

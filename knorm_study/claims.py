@@ -103,6 +103,8 @@ def load_records(profile: str, slug: str | None) -> dict[str, dict[str, Any] | N
 
 
 def _missing(key: str, claim: str, source: str, notebook: str) -> dict[str, Any]:
+    """A "not measured" row standing for every row whose key starts with ``key`` + "." (the rows
+    ``notebook`` would give), so another model's or profile's ledger can mark each of them."""
     return _row(key, claim, source, "—", f"run {notebook} first (same model and profile)", 0, "not measured")
 
 
@@ -204,15 +206,15 @@ def writeup_claims(rec03: dict[str, Any] | None, rec06: dict[str, Any] | None) -
     else:
         inv, n = rec03["results"]["invariants"], len(rec03["results"]["documents"])
         rows += [
-            _row("writeup.plan_b", "Perplexity without compression (Plan B) reports what compression does", src,
+            _row("writeup.positions.plan_b", "Perplexity without compression (Plan B) reports what compression does", src,
                  "prefill, every keep_ratio",
                  "the same number at every keep_ratio" if inv["plan_b_constant_across_keep_ratios"] else "it varies",
                  n, "fails" if inv["plan_b_constant_across_keep_ratios"] else "not resolved"),
-            _row("writeup.norm_order", "The perplexity jump comes from storing the cache in norm order", src,
+            _row("writeup.positions.norm_order", "The perplexity jump comes from storing the cache in norm order", src,
                  "prefill, true positions",
                  f"norm order changes PPL by at most {inv['order_max_rel_diff_absolute']:.0e} (relative)", n,
                  "fails" if inv["order_max_rel_diff_absolute"] <= 1e-5 else "not resolved"),
-            _row("writeup.numbering", "The jump comes from numbering new tokens from the compressed length (BACKGROUND's diagnosis)",
+            _row("writeup.positions.numbering", "The jump comes from numbering new tokens from the compressed length (BACKGROUND's diagnosis)",
                  "this study", "prefill, cache_relative vs absolute positions",
                  f"PPL × {inv['cache_relative_min_inflation_when_evicting']:.2f} to "
                  f"× {inv['cache_relative_max_inflation_when_evicting']:.2f} whenever tokens are evicted; × 1 at keep 1.0",
@@ -277,7 +279,16 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
         by_key = {r["key"]: r for r in rec["results"]["ledger"] if "key" in r}
         order += [k for k in by_key if k not in order]
         cells.append(by_key)
-    first = lambda k: next(c[k] for c in cells if k in c)
+    # a column's "not measured" placeholder (``_missing``: key "passkey") fills the rows it stands
+    # for ("passkey.reference.skip (0, 1)", ...) instead of being a row of its own
+    order = [k for k in order if not any(o.startswith(k + ".") for o in order)]
+    for c in cells:
+        for k in order:
+            placeholder = next((p for p in c if k.startswith(p + ".") and c[p]["verdict"] == "not measured"), None)
+            if k not in c and placeholder:
+                c[k] = c[placeholder]
+    measured = lambda k: [c[k] for c in cells if k in c and c[k]["verdict"] != "not measured"]
+    first = lambda k: (measured(k) or [c[k] for c in cells if k in c])[0]
     header = ["claim", "protocol", *(column_label(r) for r in records)]
     lines = ["  | " + " | ".join(header) + " |", "  |" + "---|" * len(header)]
     for k in order:
@@ -286,8 +297,10 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
         protocol = (", ".join(k.split(".", 2)[1:]) if k.startswith("passkey.")
                     else row["protocol"].split(",")[0].split("(")[0].strip())
         lines.append(f"  | {row['claim']} | {protocol} | " + " | ".join(
-            f"**{c[k]['verdict']}** {c[k]['measured']} (n = {c[k]['n']})" if k in c else "—" for c in cells) + " |")
-    sizes = [f"  - {column_label(r)}: " + "; ".join(dict.fromkeys(x["protocol"] for x in r["results"]["ledger"]))
+            "—" if k not in c else f"**not measured**: {c[k]['measured']}" if c[k]["verdict"] == "not measured"
+            else f"**{c[k]['verdict']}** {c[k]['measured']} (n = {c[k]['n']})" for c in cells) + " |")
+    sizes = [f"  - {column_label(r)}: " + "; ".join(dict.fromkeys(x["protocol"] for x in r["results"]["ledger"]
+                                                                 if x["verdict"] != "not measured"))
              for r in records]
     return "\n".join(lines) + "\n\n  Protocols as measured, per column:\n\n" + "\n".join(sizes)
 

@@ -20,6 +20,10 @@ any notebook runs: the profile must be one every notebook knows, the device must
 the model must exist and be supported (its config is checked without loading weights); then one
 forward is timed and the profile's estimated time printed (``estimate``); a CPU ``paper`` run
 estimated over an hour needs ``--yes``.
+
+``--ledger`` runs only what the claims ledger reads (02, 04 and 07 with the variants its rows use:
+``LEDGER_PARAMETERS``), so the paper profile's ledger fits a CPU session. ``--jobs N`` (CUDA only)
+runs N notebooks at once, each in its own process on its own card, 07 after the rest.
 """
 from __future__ import annotations
 
@@ -42,7 +46,14 @@ BUILD = ROOT / "build"
 HASHED_INPUTS = ("knorm_lib.py", "knorm_study/__init__.py", "knorm_study/runtime.py", "scripts/notebook_runner.py",
                  "data/manifest.json", "requirements.txt")
 # the committed results (KNORM_RESULTS_DIR elsewhere: what the tests use)
-RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results"))
+RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results")).resolve()
+# `--ledger`: only the notebooks and variants the claims ledger (07) reads, so a paper-scale ledger
+# fits a CPU session; the records say so (their parameters) and 07 and REPORT label the column.
+LEDGER_PARAMETERS: dict[str, dict[str, Any]] = {
+    "02": dict(policies=["knorm", "sink_random", "streaming"]),
+    "04": dict(policies=["knorm", "random", "high_norm"], streaming_policies=["knorm"], knorm_all_layers=False,
+               keep_ratios=[1.0, 0.5], schedule_keep_ratios=[0.5], recent_window=0),
+    "07": {}}
 _STUDY_IMPORT = re.compile(r"from\s+knorm_study\s+import[ \t]+([\w \t,]+)|knorm_study\.(\w+)|from\s+knorm_study\.(\w+)\s+import")
 
 
@@ -171,12 +182,14 @@ FORWARD_TOKENS: dict[str, Callable[[dict[str, Any]], int]] = {
 }
 
 
-def estimate(notebooks: list[Path], profile: str, forward_s_per_token: float) -> dict[str, float]:
-    """Seconds per notebook: its forward tokens (``FORWARD_TOKENS``) at the measured rate."""
+def estimate(notebooks: list[Path], profile: str, forward_s_per_token: float,
+             overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Seconds per notebook: its forward tokens (``FORWARD_TOKENS``) at the measured rate, with
+    ``overrides`` (by notebook number, e.g. ``LEDGER_PARAMETERS``) in place of its defaults."""
     out = {}
     for nb in notebooks:
-        sizes = notebook_sizes(nb, profile)
         key = nb.stem[:2]
+        sizes = {**notebook_sizes(nb, profile), **(overrides or {}).get(key, {})}
         out[nb.stem] = FORWARD_TOKENS[key](sizes) * forward_s_per_token if key in FORWARD_TOKENS else 0.0
     return out
 
@@ -282,7 +295,11 @@ def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> None:
         raise SystemExit(f"--model {args.model}: {err}") from None
     rate = measured_forward_s_per_token(model)
     del model
-    est = estimate(notebooks, args.profile, rate)
+    if args.device != "cpu":   # the notebooks (or --jobs children) need the card's memory
+        import torch
+
+        torch.cuda.empty_cache()
+    est = estimate(notebooks, args.profile, rate, LEDGER_PARAMETERS if args.ledger else None)
     total = sum(est.values())
     print(f"estimated time for the {args.profile} profile on {args.device}: {total / 60:.0f} min "
           f"(one measured forward: {rate * 1e3:.2f} ms per token × each notebook's forward tokens; "
@@ -294,41 +311,89 @@ def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> None:
                          "rerun with --yes (make report ... YES=1) to go ahead")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="full", choices=list(runtime.PROFILES))
-    ap.add_argument("--model", help="a Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    ap.add_argument("--dtype", help=f"one of {', '.join(runtime.DTYPES)} (default: float32 on a CPU, bfloat16 on CUDA)")
-    ap.add_argument("--yes", action="store_true", help="run a CPU paper profile even when estimated over an hour")
-    ap.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
-    ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
-    args = ap.parse_args(argv)
+# notebooks that read other notebooks' recorded results: with --jobs they run after the rest
+READS_OTHERS = ("07",)
 
+
+def check_jobs(args: argparse.Namespace) -> None:
+    """``--jobs N`` runs N notebooks at once, one per CUDA card; on a CPU notebooks run one at a
+    time (two at once would distort every timing they record)."""
+    import torch
+
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: give 1 or more")
+    if args.jobs == 1:
+        return
+    if args.device not in ("cuda", "auto"):
+        raise SystemExit(f"--jobs {args.jobs} with --device {args.device}: parallel jobs take one CUDA card each "
+                         "(cards 0 … N-1); use --device cuda or auto, or --jobs 1 (on a CPU notebooks run one at a time)")
+    if args.jobs > torch.cuda.device_count():
+        raise SystemExit(f"--jobs {args.jobs}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _child_command(args: argparse.Namespace, notebook: Path) -> list[str]:
+    """This script for one notebook, with the same choices (one card: CUDA_VISIBLE_DEVICES)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", notebook.stem, "--profile", args.profile,
+           "--device", args.device, "--jobs", "1", "--no-summary"]
+    for flag, value in (("--model", args.model), ("--dtype", args.dtype)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd + [f for f, on in (("--yes", args.yes), ("--ledger", args.ledger), ("--force", args.force)) if on]
+
+
+def run_jobs(args: argparse.Namespace, notebooks: list[Path], log_dir: Path,
+             launch: Callable[[list[str], dict[str, str], Path], int] | None = None) -> list[str]:
+    """Run ``notebooks`` ``args.jobs`` at a time, each in its own process on its own card
+    (``CUDA_VISIBLE_DEVICES``), its screen output in ``log_dir/<notebook>.log``; those in
+    ``READS_OTHERS`` after all the others. Return the notebooks that failed."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    def default_launch(cmd: list[str], env: dict[str, str], log: Path) -> int:
+        import subprocess
+
+        with log.open("w") as fh:
+            return subprocess.run(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+    launch = launch or default_launch
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cards: queue.Queue[int] = queue.Queue()
+    for card in range(args.jobs):
+        cards.put(card)
+
+    def one(nb: Path) -> str | None:
+        card = cards.get()
+        try:
+            t0, log = time.time(), log_dir / f"{nb.stem}.log"
+            print(f"{nb.stem} ({args.profile}): running on card {card}; log {_shown(log)}", flush=True)
+            rc = launch(_child_command(args, nb), {"CUDA_VISIBLE_DEVICES": str(card), "KNORM_RESULTS_DIR": str(RESULTS)}, log)
+            print(f"{nb.stem} ({args.profile}): {'done' if rc == 0 else 'FAILED'} in {time.time() - t0:.0f} s "
+                  f"on card {card}", flush=True)
+            return None if rc == 0 else nb.stem
+        finally:
+            cards.put(card)
+
+    independent = [nb for nb in notebooks if nb.stem[:2] not in READS_OTHERS]
+    readers = [nb for nb in notebooks if nb.stem[:2] in READS_OTHERS]
+    failed = []
+    for batch in (independent, readers):
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            failed += [f for f in pool.map(one, batch) if f]
+    return failed
+
+
+def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters: dict[str, Any],
+                     slug: str | None, out_dir: Path, stamp_dir: Path) -> list[str]:
+    """Run ``notebooks`` one after another in this process, skipping those whose inputs are
+    unchanged (see the module docstring); return those that failed."""
     import notebook_runner as runner
 
-    notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-    if args.only:
-        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(p) for p in args.only)]
-    preflight(args, notebooks)
-    slug = model_slug(args)
-    embedded_default = slug is None
-    if not embedded_default:
-        print(f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}"
-              f"{', ' + args.dtype if args.dtype else ''}: results under {slug}/", flush=True)
-        confirm_estimate(args, notebooks)
-    parameters: dict[str, Any] = {"profile": args.profile}
-    if not embedded_default:
-        parameters.update(model_name=args.model, device=args.device, dtype=args.dtype)
-    out_dir = BUILD / "notebooks" / (slug or "") / args.profile
-    stamp_dir = BUILD / "stamps" / (slug or "") / args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp_dir.mkdir(parents=True, exist_ok=True)
     figures = runtime.report_figures_dir(args.profile)
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
-        digest = input_hash(nb, args.profile, parameters, slug)
+        nb_parameters = {**parameters, **(LEDGER_PARAMETERS[nb.stem[:2]] if args.ledger else {})}
+        digest = input_hash(nb, args.profile, nb_parameters, slug)
         stamp = stamp_dir / f"{nb.stem}.json"
         results = RESULTS / nb.stem / (slug or "") / f"{args.profile}.json"
         prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
@@ -339,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
         t0 = time.time()
         try:
-            runner.execute(nb, out_dir / nb.name, parameters, progress=True, results_dir=RESULTS, figures_dir=figures)
+            runner.execute(nb, out_dir / nb.name, nb_parameters, progress=True, results_dir=RESULTS, figures_dir=figures)
         except runner.NotebookFailed as exc:   # report it with its cell, keep going
             failures.append(nb.stem)
             print(f"{prefix}: FAILED after {time.time() - t0:.0f} s: {exc}\n"
@@ -353,6 +418,55 @@ def main(argv: list[str] | None = None) -> int:
         runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
         print(f"{prefix}: done in {time.time() - t0:.0f} s; recorded "
               + ", ".join(_shown(p) for p in recorded), flush=True)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="full", choices=list(runtime.PROFILES))
+    ap.add_argument("--model", help="a Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--dtype", help=f"one of {', '.join(runtime.DTYPES)} (default: float32 on a CPU, bfloat16 on CUDA)")
+    ap.add_argument("--yes", action="store_true", help="run a CPU paper profile even when estimated over an hour")
+    ap.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
+    ap.add_argument("--ledger", action="store_true",
+                    help="only what the claims ledger reads: 02, 04 and 07 with the variants its rows use (LEDGER_PARAMETERS)")
+    ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
+    ap.add_argument("--jobs", type=int, default=1, help="notebooks at once, one per CUDA card (default 1; 07 runs last)")
+    ap.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)   # a --jobs child: no HTML, compare or report
+    args = ap.parse_args(argv)
+
+    notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(p) for p in args.only)]
+    if args.ledger:
+        notebooks = [nb for nb in notebooks if nb.stem[:2] in LEDGER_PARAMETERS]
+    preflight(args, notebooks)
+    check_jobs(args)
+    slug = model_slug(args)
+    embedded_default = slug is None
+    if args.ledger and embedded_default and args.profile == "full":
+        raise SystemExit("--ledger --profile full: it would replace the embedded model's committed full results "
+                         "(the whole study) with the ledger's subset; use another profile or model")
+    if not embedded_default:
+        print(f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}"
+              f"{', ' + args.dtype if args.dtype else ''}: results under {slug}/", flush=True)
+    if (not embedded_default or args.ledger) and not args.no_summary:   # a --jobs child: its parent estimated
+        confirm_estimate(args, notebooks)
+    parameters: dict[str, Any] = {"profile": args.profile}
+    if not embedded_default:
+        parameters.update(model_name=args.model, device=args.device, dtype=args.dtype)
+    out_dir = BUILD / "notebooks" / (slug or "") / args.profile
+    stamp_dir = BUILD / "stamps" / (slug or "") / args.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    if args.jobs > 1:
+        failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile)
+    else:
+        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamp_dir)
+    if args.no_summary:
+        return 1 if failures else 0
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
           f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / (slug or '') / args.profile).relative_to(ROOT)}"

@@ -174,9 +174,11 @@ def test_report_renders_another_models_results(tmp_path):
     assert (ROOT / "README.md").read_text() == readme
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "data" / "results").glob("*/full.json")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "data" / "results").glob("*/full.json"),
+                                          *(ROOT / "data" / "results").glob("*/paper.json")]),
+                         ids=lambda p: f"{p.parent.name}-{p.stem}")
 def test_committed_results_come_from_the_committed_code(path):
-    """Nothing lands with stale results: every library file a committed full-profile result was
+    """Nothing lands with stale results: every library file a committed full- or paper-profile result was
     computed with (knorm_lib.py and the knorm_study modules its run imported) has the committed
     file's code (``runtime.code_sha256``). A code change to one of them needs `make report` before
     it lands; a docstring or comment edit does not."""
@@ -247,7 +249,8 @@ def _notebook_with_profiles(tmp_path, profiles):
 def _args(**kw):
     import argparse
 
-    return argparse.Namespace(**{"profile": "full", "model": None, "device": "cpu", "dtype": None, **kw})
+    return argparse.Namespace(**{"profile": "full", "model": None, "device": "cpu", "dtype": None, "yes": False,
+                                 "ledger": False, "force": False, "jobs": 1, "no_summary": False, **kw})
 
 
 def test_the_runner_refuses_bad_input_before_any_notebook_runs(tmp_path):
@@ -316,3 +319,83 @@ def test_a_long_cpu_paper_run_needs_yes(tmp_path, monkeypatch, capsys):
 
 def test_the_measured_forward_rate_is_positive(tiny32):
     assert 0 < run_report.measured_forward_s_per_token(tiny32, n_tokens=32) < 1
+
+
+def test_every_notebook_takes_the_paper_profile_at_its_documented_sizes():
+    """The paper profile's sizes, read from the notebooks without running them, are the ones the
+    README's table documents with their sources: 3,000-token LM chunks (2,000 + 1,000 prefill),
+    prune_after 1000, skip (0, 1), >= 20 chunks and documents, passkey lengths 1k-32k with 10
+    samples a cell and the reference's skip sets, speed at 4k-32k."""
+    nbs = {nb.stem[:2]: run_report.notebook_sizes(nb, "paper") for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert all(s is not None for s in nbs.values())
+    s01, s02, s04, s05, s06 = nbs["01"], nbs["02"], nbs["04"], nbs["05"], nbs["06"]
+    assert s01["n_tokens"] == s02["n_tokens"] == s04["stream_tokens"] == s04["context_len"] + s04["continuation_len"] == 3000
+    assert (s04["context_len"], s04["continuation_len"], s04["prune_afters"], s04["skip_layers"]) == (2000, 1000, [1000], [0, 1])
+    assert min(len(s["corpora"]) * s["n_docs"] for s in (s01, s02, s04)) >= 20
+    assert len(s04["corpora"]) * s04["n_stream_docs"] >= 20
+    assert s05["contexts"] == [1000, 2000, 4000, 8000, 16000, 32000] and set(s05["seeds"]) == {10}
+    assert s05["protocol_seeds"] == 10 and s05["protocol_skip_sets"] == [[0], [0, 1], [0, 1, 12]] and s05["gen_new_tokens"] == 50
+    assert s06["context_lens"] == [4096, 8192, 16384, 32768]
+    table = (ROOT / "README.md").read_text().split("The `paper` profile, number by number")[1].split("\n\n")[1]
+    for documented in ("3,000 tokens", "| 1,000 |", "`(0, 1)`", "| 20 (10 wiki + 10 news)", "32,000 tokens", "| 10 |",
+                       "`(0)`, `(0, 1)`, `(0, 1, 12)`", "50 new tokens", "20 documents × 3,000 tokens", "4k, 8k, 16k, 32k"):
+        assert documented in table, documented
+
+
+def test_the_ledger_run_sets_only_parameters_its_notebooks_declare():
+    """``--ledger`` overrides parameters by name; papermill only warns on a name a notebook does not
+    declare, so each must be one of its notebook's (and 04 keeps every variant the ledger reads).
+    It costs less than the whole profile, and is refused where it would replace the committed
+    full results."""
+    notebooks = {nb.stem[:2]: nb for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    for key, overrides in run_report.LEDGER_PARAMETERS.items():
+        assert set(overrides) <= set(run_report.notebook_sizes(notebooks[key], "paper")), key
+    s04 = run_report.LEDGER_PARAMETERS["04"]
+    assert {"knorm", "random", "high_norm"} <= set(s04["policies"]) and "knorm" in s04["streaming_policies"]
+    assert 0.5 in s04["keep_ratios"] and 0.5 in s04["schedule_keep_ratios"]
+    chosen = [notebooks[k] for k in run_report.LEDGER_PARAMETERS]
+    assert sum(run_report.estimate(chosen, "paper", 1.0, run_report.LEDGER_PARAMETERS).values()) \
+        < sum(run_report.estimate(chosen, "paper", 1.0).values())
+    with pytest.raises(SystemExit, match="--ledger --profile full: it would replace"):
+        run_report.main(["--ledger", "--profile", "full"])
+
+
+def test_parallel_jobs_take_one_card_each_and_the_ledger_runs_last(tmp_path, monkeypatch):
+    """``--jobs N`` (CUDA only) runs N notebooks at once, each in its own process with its own
+    ``CUDA_VISIBLE_DEVICES``, and 07 (it reads the others' results) after all of them; on a CPU,
+    or with more jobs than cards, it stops before any notebook runs."""
+    import threading
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match="--jobs 2 with --device cpu"):
+        run_report.check_jobs(_args(jobs=2))
+    with pytest.raises(SystemExit, match="--jobs 3: this machine has 2 CUDA"):
+        run_report.check_jobs(_args(jobs=3, device="cuda"))
+    run_report.check_jobs(_args(jobs=2, device="cuda"))
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    events, busy, lock = [], set(), threading.Lock()
+
+    def launch(cmd, env, log):
+        nb, card = cmd[cmd.index("--only") + 1], env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert card not in busy, "two jobs on one card"
+            busy.add(card)
+            events.append(("start", nb, card))
+        time.sleep(0.05)
+        with lock:
+            busy.discard(card)
+            events.append(("end", nb, card))
+        assert cmd[cmd.index("--jobs") + 1] == "1" and "--no-summary" in cmd and "--ledger" in cmd
+        return 1 if nb.startswith("03") else 0
+
+    failed = run_report.run_jobs(_args(jobs=2, device="cuda", ledger=True, model="org/m"), notebooks, tmp_path, launch)
+    assert failed == ["03_position_order_ppl"]
+    starts = [e for e in events if e[0] == "start"]
+    assert sorted(e[1] for e in starts) == [nb.stem for nb in notebooks] and {e[2] for e in starts} == {"0", "1"}
+    last_other_end = max(i for i, e in enumerate(events) if e[0] == "end" and not e[1].startswith("07"))
+    assert events.index(next(e for e in starts if e[1].startswith("07"))) > last_other_end
+    concurrent = max(sum(1 for e in events[:i + 1] if e[0] == "start") - sum(1 for e in events[:i + 1] if e[0] == "end")
+                     for i in range(len(events)))
+    assert concurrent == 2

@@ -148,6 +148,24 @@ def test_the_ledger_across_models_shows_each_claim_once_with_a_column_each(tmp_p
     assert "| org/big · paper |" in line
 
 
+def test_a_column_without_a_notebook_reads_not_measured_on_each_of_its_rows():
+    """A ledger whose 05 and 03 were not run (the ``--ledger`` subset) has one placeholder row per
+    notebook; side by side with a full ledger it marks each of that notebook's rows "not measured"
+    instead of adding rows of its own, and lists no protocol for them."""
+    passkey = {"parameters": {"sizes": {"protocol_context": 1024}}, "results": {"protocol_claims": [
+        {"protocol": p, "skip": "skip (0, 1)", "keep_ratio": 0.1, "accuracy": 0.4, "lo": 0.26, "hi": 0.55,
+         "uncompressed": 1.0, "n": 40, "verdict": "fails"} for p in ("reference", "question-agnostic")]}}
+    full = claims.ledger(_own(6, burst_ppl=14.0), {**{k: None for k in claims.SOURCES}, "05": passkey})
+    subset = claims.ledger(_own(20, burst_ppl=10.2), {k: None for k in claims.SOURCES})
+    assert [r["key"] for r in subset if r["key"].startswith("passkey")] == ["passkey"]
+    table = claims.across_models([_record(None, "full", full), _record(None, "paper", subset)])
+    rows = [x for x in table.splitlines() if x.startswith("  | Passkey")]
+    assert len(rows) == 2 and all("**fails**" in x and "**not measured**: run 05_passkey_retrieval" in x for x in rows)
+    positions = [x for x in table.splitlines() if "03_position_order_ppl" in x]
+    assert len(positions) == 1 and positions[0].count("**not measured**") == 2   # neither column ran 03
+    assert "; —" not in table and not table.rstrip().endswith("—")
+
+
 def test_passkey_rows_carry_the_recorded_verdicts():
     rec = {"parameters": {"sizes": {"protocol_context": 1024}}, "results": {"protocol_claims": [
         {"protocol": "reference", "skip": "skip (0, 1)", "keep_ratio": 0.1, "accuracy": 0.9, "lo": 0.77, "hi": 0.96,
