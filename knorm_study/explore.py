@@ -185,12 +185,20 @@ class Explorer:
                             time.perf_counter() - t0)
 
 
+class _Cancelled(Exception):
+    """Raised in the worker's thread at the next decoder layer once its task is no longer wanted."""
+
+
 class GridWorker:
     """Fills an ``Explorer``'s caches in one background thread, in this order: the current setting's
     point (and the compared policy's), its continuation, then the slider's grid for the current
     policy nearest the current keep_ratio first, the compared policy's, then every other policy's.
     ``on_ready(kind, setting)`` is called (in the worker's thread) after each. ``stop`` ends it
-    (also at interpreter exit)."""
+    (also at interpreter exit).
+
+    A task nobody wants any more is abandoned at the model's next decoder layer (a pre-hook in this
+    thread only), not finished: everything once the worker is stopped (a new text waits
+    milliseconds, not for a whole continuation), and a continuation once the setting moved on."""
 
     def __init__(self, explorer: Explorer, policies: Sequence[str],
                  on_ready: Callable[[str, Setting], None] | None = None) -> None:
@@ -201,9 +209,18 @@ class GridWorker:
         self._paused = False
         self._busy = False
         self.error: BaseException | None = None
+        self._running: tuple[str, Setting] | None = None
         self._thread = threading.Thread(target=self._run, name="knorm-explorer-grid", daemon=True)
+        self._hooks = [layer.register_forward_pre_hook(self._abandon_unwanted) for layer in kl._layers(explorer.model)]
         self._thread.start()
         atexit.register(self.stop)
+
+    def _abandon_unwanted(self, *_: Any) -> None:
+        if threading.current_thread() is not self._thread:
+            return
+        if self._stopped or (self._running and self._running[0] == "continuation" and self._current
+                             and self._running[1] != self._current[0]):
+            raise _Cancelled
 
     def set_current(self, setting: Setting, compare: str | None = None) -> None:
         with self._cond:
@@ -230,6 +247,13 @@ class GridWorker:
         return sum(1 for kind, s in tasks if policies is None or kind == "continuation" or s[1] in policies)
 
     def _run(self) -> None:
+        try:
+            self._fill()
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+
+    def _fill(self) -> None:
         while True:
             with self._cond:
                 while not self._stopped and (self._paused or not self._tasks()):
@@ -238,14 +262,18 @@ class GridWorker:
                     self._cond.wait()
                 if self._stopped:
                     return
-                kind, setting = self._tasks()[0]
+                kind, setting = self._running = self._tasks()[0]
                 self._busy = True
             try:
-                (self.explorer.point if kind == "point" else self.explorer.continuation)(setting)
+                try:
+                    (self.explorer.point if kind == "point" else self.explorer.continuation)(setting)
+                    done = True
+                except _Cancelled:   # nothing was cached; a continuation wanted again is computed again
+                    done = False
                 with self._cond:
-                    self._busy = False
+                    self._running, self._busy = None, False
                     self._cond.notify_all()
-                if self.on_ready is not None:
+                if done and self.on_ready is not None:
                     self.on_ready(kind, setting)
             except BaseException as err:   # kept for join() to raise: a worker never dies silently
                 self.error = err
@@ -363,7 +391,8 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
             ui.read_seconds.append(time.perf_counter() - t0)
             status.value = (f'<span id="status">read in {1e3 * ui.read_seconds[-1]:.0f} ms · grid '
                             f"{ui.filled(setting)}/{len(Explorer.GRID)} for {setting[1]}"
-                            f"{'' if point is not None else ' · computing this point…'}</span>")
+                            f"{'' if point is not None else ' · computing this point…'} · prefilled "
+                            f"{ex.context_len} tokens in {ex.prefill_seconds:.2f} s</span>")
 
     def on_ready(kind: str, setting: Setting) -> None:   # the worker's thread: show what just arrived
         if ui.worker is not None and current()[0][2:] == setting[2:]:
@@ -374,9 +403,11 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
         ui.worker.stop()
         ex = ui.explorer
         ui.explorer = Explorer(ex.model, ex.tokenizer, w_text.value, max_tokens=ex.max_tokens)
+        # the current setting's point here, in the thread that just prefilled, before the worker
+        # starts: handed to a fresh thread it took 0.1-0.3 s longer on two cores
+        ui.explorer.point(current()[0])
         ui.start_worker(on_ready)
         render()
-        status.value += f" · prefilled {ui.explorer.context_len} tokens in {ui.explorer.prefill_seconds:.2f} s"
 
     ui.render = render
     ui.widgets.update(keep_ratio=w_keep, policy=w_policy, compare=w_compare, skip_layers=w_skip, position_mode=w_mode,

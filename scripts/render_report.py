@@ -95,11 +95,28 @@ def section_00(res: dict) -> tuple[str, str]:
 Defaults: keep_ratio {s['keep_ratio']}, policy {s['policy']}, skip_layers {s['skip_layers']}, {s['position_mode']}
 positions; context {r['context_len']} tokens, {s['n_scored']} scored. PPL {s['ppl']:.3f}, next-token accuracy
 {s['next_token_acc']:.3f}, KL {s['kl']:.4f}; greedy continuation matches the full cache for
-{r['agreement']['matching_prefix']} tokens. {_explorer_latency(r)}
+{r['agreement']['matching_prefix']} tokens. {_explorer_latency(r)}{_browser_latency(res)}
 
 ![explorer](figures/explore.png)
 """
     return body, ""
+
+
+def _browser_latency(res: dict) -> str:
+    """The real-browser test's latencies, committed with its screenshot (embedded model only)."""
+    path = RESULTS / "00_explore" / "browser.json"
+    if res["identity"].get("model_slug") or not path.exists():
+        return ""
+    b = json.loads(path.read_text(encoding="utf-8"))
+    s, own = b["slider_to_metrics_s"], b.get("own_text")
+    return (f"\n\nIn the real browser (Chromium driving JupyterLab, the screenshot's run, {b['recorded_at'][:10]}): "
+            f"slider → metrics on screen {s['median']:.3f} s median ({s['min']:.3f}–{s['max']:.3f} s, {s['n']} moves); "
+            f"{b['metric_values_seen_during_drag']} different n_kept values shown during one drag; a new setting's "
+            f"continuation arrived {b['continuation_arrival_s']:.1f} s after the move, the metrics at once"
+            + (f"; a text of one's own ({own['context_tokens']} context tokens, {len(own['runs'])} pastes): from the "
+               "click, its first grid point on screen after " + ", ".join(
+                   f"{r['click_to_first_point_s']:.2f} s (prefill {r['prefill_s']:.2f} s, "
+                   f"+{r['click_to_first_point_s'] - r['prefill_s']:.2f} s)" for r in own["runs"]) if own else "") + ".")
 
 
 def _explorer_latency(r: dict) -> str:
@@ -114,7 +131,9 @@ def _explorer_latency(r: dict) -> str:
     grid = ", ".join(f"{p} {s:.1f} s" for p, s in r.get("grid_seconds_by_policy", {}).items())
     return (f"In the headless run a slider move read from the precomputed grid in {1e3 * reads[len(reads) // 2]:.0f} ms "
             f"(median of {len(reads)}, {1e3 * reads[0]:.0f}–{1e3 * reads[-1]:.0f} ms; redrawn from code for grid points, "
-            f"without a browser's drawing), while {full}. Prefill {r.get('prefill_seconds', float('nan')):.2f} s; "
+            f"without a browser's drawing), while {full}. Prefill {r.get('prefill_seconds', float('nan')):.2f} s"
+            + (f", then the default setting's grid point in {r['first_point_seconds']:.2f} s" if "first_point_seconds" in r else "")
+            + "; "
             f"filling the slider's grid of {len(Explorer.GRID)} keep_ratios took {grid or 'not recorded'}.")
 
 

@@ -3,7 +3,8 @@ check that the displayed PPL changes and that the highlighted tokens match the r
 
 Needs Debian's Chromium (/usr/bin/chromium; `.ci/run` installs it) and the playwright package;
 JupyterLab runs headless on loopback only. The screenshot goes to build/screenshots/explore.png, the
-measured latencies to build/screenshots/explore_latency.json.
+measured latencies to build/screenshots/explore_latency.json (the committed screenshot and its latencies:
+figures/explore.png and data/results/00_explore/browser.json, copied from there).
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_explorer_slider_in_real_browser(jupyterlab):
     """Run all cells; once the default policy's grid is filled, move the keep_ratio slider with the
     keyboard over >= 10 grid points and time each move to the metrics on screen; time the
     continuation's arrival; drag the slider and count the metric updates seen during the drag;
-    compare two policies; screenshot the explorer with the curve and the compare view."""
+    compare two policies; screenshot the explorer with the curve and the compare view; prefill a text
+    of one's own and time the click to its first grid point on screen."""
     import json
     import statistics
 
@@ -172,9 +174,38 @@ def test_explorer_slider_in_real_browser(jupyterlab):
         explorer_ui = page.locator(".widget-vbox", has=page.locator("#metrics")).first
         explorer_ui.scroll_into_view_if_needed()
         explorer_ui.screenshot(path=str(shots / "explore.png"))
+
+        # a text of one's own, three times: "prefill this text", then the first grid point on screen,
+        # timed in the page from the click event to the first PPL other than the old text's (the
+        # prefill, the first point and both round trips)
+        textarea = explorer_ui.locator("textarea").first
+        original = textarea.input_value()
+        page.evaluate("() => { window.__ppl = () => { const e = document.querySelector('#metrics .ppl'); "
+                      "return e ? e.textContent : null; }; window.__paste = {}; "
+                      "document.addEventListener('click', e => { const b = e.target.closest('button'); "
+                      "if (b && b.textContent.includes('prefill this text')) window.__paste.click = performance.now(); }, true); "
+                      "new MutationObserver(() => { const p = window.__paste; if (p.click && !p.first && "
+                      "window.__ppl() !== null && window.__ppl() !== p.before) p.first = performance.now(); })"
+                      ".observe(document.body, {subtree: true, childList: true, characterData: true}); }")
+        own_text = []
+        for opening in ("A text of my own, pasted in. ", "Another one. ", "And a third text, my own. "):
+            textarea.fill(opening + original)
+            page.evaluate("() => { window.__paste = {before: window.__ppl()}; }")
+            explorer_ui.locator("button", has_text="prefill this text").click()
+            page.wait_for_function("() => window.__paste.first", timeout=120_000)
+            paste = page.evaluate("() => window.__paste")
+            prefilled = re.search(r"prefilled (\d+) tokens in ([\d.]+) s", status.inner_text())
+            assert prefilled and int(prefilled.group(1)) == context   # the same 384-token context, a new text
+            own_text.append({"prefill_s": float(prefilled.group(2)),
+                             "click_to_first_point_s": (paste["first"] - paste["click"]) / 1e3})
+            page.wait_for_timeout(3000)   # the worker fills on meanwhile, as it would while one reads
         browser.close()
     numbers = {"slider_to_metrics_s": {"median": statistics.median(latencies) / 1e3, "min": min(latencies) / 1e3,
                                        "max": max(latencies) / 1e3, "n": len(latencies)},
-               "continuation_arrival_s": continuation_s, "metric_values_seen_during_drag": seen_during_drag}
+               "continuation_arrival_s": continuation_s, "metric_values_seen_during_drag": seen_during_drag,
+               "own_text": {"context_tokens": context, "runs": own_text}}
+    from knorm_study import runtime
+
+    numbers.update(machine=runtime.machine_info(), recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (shots / "explore_latency.json").write_text(json.dumps(numbers) + "\n")
     print(json.dumps(numbers))
