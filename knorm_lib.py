@@ -242,9 +242,9 @@ _CPU_KEY_BLOCK = 512
 
 def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evict: torch.Tensor,
                          scaling: float | None) -> torch.Tensor:
-    """Attention of ``n`` queries over their own ``n`` keys with key ``j`` visible to query ``t``
-    iff ``j <= t <= evict[h, j]``; ``(1, n, H_q, D)``. On CPU a block of queries at a time over the
-    keys up to the block's end only (5/8 of the work at 2,048 tokens, the same bits)."""
+    """Attention of ``n`` queries over their own ``n`` keys, key ``j`` visible to query ``t`` iff ``j <= t <= evict[h, j]``;
+    ``(1, n, H_q, D)``. On CPU a block of queries at a time over the keys up to the block's end only (5/8 of the
+    work at 2,048 tokens, the same bits; a last block of one query may differ in float32's last bits on some CPUs)."""
     n_kv_heads, n = evict.shape
     groups, d = query.shape[1] // n_kv_heads, query.shape[-1]
     block = _CPU_KEY_BLOCK if query.device.type == "cpu" else n
