@@ -207,7 +207,6 @@ class GridWorker:
         self._current: tuple[Setting, str | None] | None = None
         self._stopped = False
         self._paused = False
-        self._busy = False
         self.error: BaseException | None = None
         self._running: tuple[str, Setting] | None = None
         self._thread = threading.Thread(target=self._run, name="knorm-explorer-grid", daemon=True)
@@ -257,13 +256,11 @@ class GridWorker:
         while True:
             with self._cond:
                 while not self._stopped and (self._paused or not self._tasks()):
-                    self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
                 if self._stopped:
                     return
                 kind, setting = self._running = self._tasks()[0]
-                self._busy = True
             try:
                 try:
                     (self.explorer.point if kind == "point" else self.explorer.continuation)(setting)
@@ -271,7 +268,7 @@ class GridWorker:
                 except _Cancelled:   # nothing was cached; a continuation wanted again is computed again
                     done = False
                 with self._cond:
-                    self._running, self._busy = None, False
+                    self._running = None
                     self._cond.notify_all()
                 if done and self.on_ready is not None:
                     self.on_ready(kind, setting)
@@ -302,7 +299,7 @@ class GridWorker:
         timing on a quiet machine."""
         with self._cond:
             self._paused = True
-            while self._busy and not self._stopped:
+            while self._running is not None and not self._stopped:
                 self._cond.wait()
         try:
             yield
