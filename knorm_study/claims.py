@@ -58,11 +58,7 @@ def _log_ppl(rows: Sequence[dict[str, Any]], variant: str) -> dict[str, float]:
 
 def _paired(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     """Per document, log PPL of ``a`` minus ``b`` (``b`` usually the full cache), bootstrapped."""
-    la, lb = _log_ppl(rows, a), _log_ppl(rows, b)
-    docs = sorted(set(la) & set(lb))
-    if not docs:
-        return {"n": 0, "mean": math.nan, "lo": math.nan, "hi": math.nan, "resolved": False}
-    return intervals.paired_bootstrap([la[d] - lb[d] for d in docs])
+    return intervals.paired_by_unit(_log_ppl(rows, a), _log_ppl(rows, b))
 
 
 def within_tolerance(b: dict[str, Any], tolerance: float = PPL_TOLERANCE) -> str:
@@ -166,8 +162,7 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     for x in r.get("loss_areas", []):
         areas.setdefault(x["policy"], {})[x["document"]] = x["area_above_oracle"]
     if "knorm" in areas and "sink_random" in areas:
-        docs = sorted(set(areas["knorm"]) & set(areas["sink_random"]))
-        b = intervals.paired_bootstrap([areas["sink_random"][d] - areas["knorm"][d] for d in docs])
+        b = intervals.paired_by_unit(areas["sink_random"], areas["knorm"])
         mean = lambda p: sum(areas[p].values()) / len(areas[p])
         rows.append(_row("attention.beyond_sink",
                          "The key norm carries signal beyond the attention sink: evicting by norm loses less "

@@ -54,6 +54,15 @@ def paired_bootstrap(diffs: Sequence[float], n_boot: int = 10_000, seed: int = 0
             "resolved": bool((lo > 0 or hi < 0) and d.size >= MIN_BOOTSTRAP_UNITS)}
 
 
+def paired_by_unit(a: dict[Any, float], b: dict[Any, float], **bootstrap: Any) -> dict[str, Any]:
+    """``paired_bootstrap`` of ``a[u] - b[u]`` over the units (documents) both dicts hold; with no
+    shared unit, ``n`` 0 and no mean or interval."""
+    units = sorted(set(a) & set(b))
+    if not units:
+        return {"n": 0, "mean": math.nan, "lo": math.nan, "hi": math.nan, "resolved": False}
+    return paired_bootstrap([a[u] - b[u] for u in units], **bootstrap)
+
+
 def enough(b: dict[str, Any]) -> bool:
     """Whether a ``paired_bootstrap`` result has the units to resolve anything."""
     return b["n"] >= MIN_BOOTSTRAP_UNITS

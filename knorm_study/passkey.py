@@ -222,13 +222,19 @@ CLAIM_MARGIN = 0.1   # "survives": accuracy within 10 points of the uncompressed
 RELIABLE = 0.8       # uncompressed retrieval counts as reliable from this accuracy on
 
 
+def reliable(uncompressed: float) -> bool:
+    """Whether uncompressed retrieval is reliable (accuracy >= ``RELIABLE``): only then is there a
+    retrieval for compression to keep or lose."""
+    return uncompressed >= RELIABLE
+
+
 def claim_verdict(lo: float, hi: float, uncompressed: float, margin: float = CLAIM_MARGIN) -> str:
     """The passkey claim's rule for one cell, from its Wilson interval ``lo``–``hi``: the claim is
     that accuracy stays within ``margin`` of the uncompressed accuracy; "holds" when the whole
     interval lies at or above that line, "fails" when it lies below, otherwise "not resolved" at
     this n. Below ``RELIABLE`` uncompressed accuracy there is no retrieval to survive compression:
     "not resolved"."""
-    if uncompressed < RELIABLE:
+    if not reliable(uncompressed):
         return "not resolved"
     line = uncompressed - margin
     return "fails" if hi < line else "holds" if lo >= line else "not resolved"
@@ -243,7 +249,7 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
     was not run."""
     r_min = min(keep_ratios)
     full_by_ctx = {int(c): float(_acc_row(acc, c, policies[0], 1.0).accuracy) for c in contexts}
-    holds = [c for c, a in full_by_ctx.items() if a >= RELIABLE]
+    holds = [c for c, a in full_by_ctx.items() if reliable(a)]
     at_1 = df[df.keep_ratio == 1.0].groupby(["context", "seed", "depth"]).correct.nunique()
     claim = {}
     for ctx in contexts:
@@ -253,7 +259,7 @@ def claim_summary(df: Any, acc: Any, contexts: Sequence[int], policies: Sequence
                            "knorm_lowest_ratio_matching_full": lowest_ratio_matching_full(acc, ctx, "knorm") if has_knorm else None,
                            "best_policy_at_min": max(policies, key=lambda p: _acc_row(acc, ctx, p, r_min).accuracy),
                            "accuracy_at_min": {p: float(_acc_row(acc, ctx, p, r_min).accuracy) for p in policies}}
-    testable = [c for c in contexts if full_by_ctx[c] >= RELIABLE]
+    testable = [c for c in contexts if reliable(full_by_ctx[c])]
     if "knorm" in policies and testable and r_min <= 0.1 + 1e-9:
         rows = {c: _acc_row(acc, c, "knorm", r_min) for c in testable}
         per_ctx = {c: claim_verdict(k.lo, k.hi, full_by_ctx[c]) for c, k in rows.items()}
@@ -395,7 +401,7 @@ def protocols_text(record: dict[str, Any]) -> str:
     claims = "; ".join(f"{c['protocol']}, {c['skip']}: {c['accuracy']:.0%} (Wilson 95 % {c['lo']:.0%}–{c['hi']:.0%}, "
                        f"n = {c['n']}; uncompressed {c['uncompressed']:.0%}) — **{c['verdict']}**"
                        + (" (uncompressed retrieval is not reliable here: nothing to survive compression)"
-                          if c["uncompressed"] < RELIABLE else "")
+                          if not reliable(c["uncompressed"]) else "")
                        for c in r["protocol_claims"])
     return (f"**The claim under both protocols** ({sizes['protocol_context']}-token contexts, "
             f"{r['protocol_n_samples']} samples: {sizes['protocol_seeds']} keys × {len(sizes['depths'])} depths). "
@@ -475,7 +481,7 @@ def findings(record: dict[str, Any]) -> str:
     s, sp, sizes = r["summary"], r["speed"], p["sizes"]
     full = {int(c): a for c, a in s["uncompressed_accuracy_by_context"].items()}
     longest = s["longest_context_retrieved_uncompressed"]
-    testable = [c for c, a in full.items() if a >= RELIABLE]
+    testable = [c for c, a in full.items() if reliable(a)]
     r_min = min(p["keep_ratios"])
 
     def best_at(ctx: int) -> str:

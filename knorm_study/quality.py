@@ -250,11 +250,10 @@ def matched_memory(rows: Sequence[dict[str, Any]], variants: Sequence[str], frac
     for variant in variants:
         for f in fractions:
             by_doc, ref = at.get((variant, f), {}), at.get((reference, f), {})
-            docs = sorted(set(by_doc) & set(ref))
             row = {"variant": variant, "kept_fraction": f, "n": len(by_doc),
                    "ppl_ratio": math.exp(sum(by_doc.values()) / len(by_doc)) if by_doc else math.nan}
-            if variant != reference and docs:
-                d = intervals.paired_bootstrap([by_doc[k] - ref[k] for k in docs])
+            d = intervals.paired_by_unit(by_doc, ref)
+            if variant != reference and d["n"]:
                 row.update({f"vs_{reference}_{k}": d[k] for k in ("mean", "lo", "hi", "resolved")})
             out.append(row)
     return out
@@ -343,9 +342,9 @@ def paired_comparisons(rows: Sequence[dict[str, Any]], protocol: str, keep_ratio
     ref = log_ppl.get(reference, {})
     out = []
     for variant, by_doc in log_ppl.items():
-        docs = sorted(set(ref) & set(by_doc))
-        if variant != reference and docs:
-            out.append({"variant": variant, **intervals.paired_bootstrap([ref[d] - by_doc[d] for d in docs])})
+        d = intervals.paired_by_unit(ref, by_doc)
+        if variant != reference and d["n"]:
+            out.append({"variant": variant, **d})
     return out
 
 

@@ -38,3 +38,13 @@ def test_paired_bootstrap():
             intervals.paired_bootstrap(bad)
     with pytest.raises(ValueError, match="level"):
         intervals.paired_bootstrap([1.0, 2.0], level=1.5)
+
+
+def test_paired_by_unit_pairs_the_shared_units_only():
+    """a[u] - b[u] over the units both hold, whatever the dicts' order; none shared: n 0, no interval."""
+    a = {"d1": 1.0, "d2": 2.0, "d3": 3.0, "only_a": 100.0}
+    b = {"d3": 2.5, "d1": 0.5, "d2": 1.5, "only_b": -100.0}
+    assert intervals.paired_by_unit(a, b) == intervals.paired_bootstrap([0.5, 0.5, 0.5])
+    assert intervals.paired_by_unit(b, a)["mean"] == pytest.approx(-0.5)
+    none = intervals.paired_by_unit({"x": 1.0}, {"y": 1.0})
+    assert none["n"] == 0 and none["mean"] != none["mean"] and not none["resolved"]

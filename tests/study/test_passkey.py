@@ -177,3 +177,8 @@ def test_protocol_claims_verdict_rule():
     assert passkey.claim_verdict(0.0, 0.56, 0.0) == "not resolved"               # nothing retrieved uncompressed
     assert passkey.claim_verdict(0.9, 1.0, 0.7) == "not resolved"                # unreliable uncompressed
     assert passkey.claim_verdict(0.61, 0.86, 1.0) == "fails" and passkey.claim_verdict(0.91, 1.0, 1.0) == "holds"
+    assert passkey.reliable(passkey.RELIABLE) and not passkey.reliable(passkey.RELIABLE - 0.01)
+    text = passkey.protocols_text({"parameters": {"sizes": {"protocol_context": 1024, "protocol_seeds": 8, "depths": [0.5]}},
+                                   "results": {"protocol_n_samples": 40, "protocol_claims": [
+                                       {**claims["reference"], "uncompressed": 0.7}, claims["question-agnostic"]]}})
+    assert text.count("uncompressed retrieval is not reliable here") == 1
