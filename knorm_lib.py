@@ -30,6 +30,7 @@ import json
 import math
 import numbers
 import os
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -45,7 +46,7 @@ __all__ = [
     "resolve_policy", "check_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "Reference", "token_metrics",
-    "Prefill", "prefill", "continuation_logits", "full_logits", "full_ppl",
+    "Prefill", "prefill", "continuation_logits", "full_logits", "reference_forward", "full_ppl",
     "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
     "streaming_ppl", "streaming_sweep",
@@ -161,6 +162,8 @@ _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | Non
 # Grouped decode steps equal the per-head form up to float rounding, not bitwise, so the
 # evaluators that score perplexity keep the per-head form.
 _GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_grouped_decode", default=False)
+# ``(start, hidden)``: the forward starts at layer ``start`` from ``hidden`` (``_resumed``).
+_RESUME: contextvars.ContextVar[tuple[int, torch.Tensor] | None] = contextvars.ContextVar("knorm_resume", default=None)
 
 
 @contextlib.contextmanager
@@ -259,6 +262,25 @@ def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                                    attn_mask=mask[:, None], scale=scaling, enable_gqa=True))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.view(1, n_kv_heads * groups, n, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _make_resumable(model: Any) -> None:
+    """Under ``_RESUME = (start, hidden)`` the decoder layers before ``start`` pass their input
+    through unchanged (the start layer's input replaces their output) and layer ``start`` takes
+    ``hidden``; without it they run as they are. Once per model."""
+    if getattr(model, "_knorm_resumable", False):
+        return
+    model._knorm_resumable = True
+    for i, layer in enumerate(_layers(model)):
+        def forward(hidden_states: torch.Tensor, *args: Any, _i: int = i, _forward: Callable = layer.forward,
+                    **kwargs: Any) -> torch.Tensor:
+            resume = _RESUME.get()
+            if resume is not None and _i <= resume[0]:
+                if _i < resume[0]:
+                    return hidden_states
+                hidden_states = resume[1]
+            return _forward(hidden_states, *args, **kwargs)
+        layer.forward = forward
 
 
 def _register_attention() -> None:
@@ -797,14 +819,17 @@ def _metrics_dtype(*tensors: torch.Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class Reference:
     """The uncompressed logits ``(T, vocab)`` with their per-row terms for ``token_metrics``
-    (log-sum-exp, ``sum p_ref * ref``, argmax), computed once per sweep."""
+    (log-sum-exp, ``sum p_ref * ref``, argmax), computed once per sweep, and (``reference_forward``)
+    the hidden state that entered some layers in that forward."""
     logits: torch.Tensor
     lse: torch.Tensor
     self_dot: torch.Tensor
     top1: torch.Tensor
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, logits: torch.Tensor, dtype: torch.dtype | None = None, chunk: int = 32) -> "Reference":
+    def of(cls, logits: torch.Tensor, dtype: torch.dtype | None = None, chunk: int = 32,
+           layer_inputs: dict[int, torch.Tensor] | None = None) -> "Reference":
         dtype = dtype or _metrics_dtype(logits)
         parts: tuple[list[torch.Tensor], ...] = ([], [], [])
         for start in range(0, logits.shape[0], chunk):
@@ -812,7 +837,7 @@ class Reference:
             lse = ref.logsumexp(-1)
             for out, value in zip(parts, (lse, torch.linalg.vecdot((ref - lse[:, None]).exp_(), ref), ref.argmax(-1))):
                 out.append(value)
-        return cls(logits, *(torch.cat(v) for v in parts))
+        return cls(logits, *(torch.cat(v) for v in parts), layer_inputs or {})
 
     def __getitem__(self, rows: slice) -> "Reference":
         return Reference(self.logits[rows], self.lse[rows], self.self_dot[rows], self.top1[rows])
@@ -915,6 +940,49 @@ def full_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=_check_ids(input_ids).to(model.device), use_cache=False).logits[0]
 
 
+def _first_compressed(skip_layers: Iterable[int]) -> int:
+    skip, i = set(skip_layers), 0
+    while i in skip:
+        i += 1
+    return i
+
+
+def reference_forward(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      layers: Iterable[int] = ()) -> Reference:
+    """The uncompressed forward of ``input_ids`` (``full_logits``, or after ``cache`` as
+    ``continuation_logits``) as a ``Reference`` holding the hidden state that entered each of
+    ``layers``: a later forward of the same tokens at the same positions whose layers before one of
+    them are all skipped starts there (``_resumed``), so a sweep runs the skipped layers once per text."""
+    _make_resumable(model)
+    inputs: dict[int, torch.Tensor] = {}
+    thread = threading.get_ident()
+
+    def keep(i: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if threading.get_ident() == thread:   # not another thread's forward of the same model
+                inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
+    handles = [_layers(model)[i].register_forward_pre_hook(keep(i), with_kwargs=True)
+               for i in set(layers) if 0 < i < _n_layers(model)]
+    try:
+        logits = full_logits(model, input_ids) if cache is None else continuation_logits(model, cache, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return Reference.of(logits, layer_inputs=inputs)
+
+
+def _resumed(reference: torch.Tensor | Reference | None, skip_layers: Iterable[int],
+             same_positions: bool) -> contextlib.AbstractContextManager:
+    """Within the block the model's forward starts at the first compressed layer from the input the
+    reference forward gave it, when recorded and the positions are the reference's: the skipped
+    layers before it would compute exactly that again (tested bit for bit)."""
+    start = _first_compressed(skip_layers)
+    hidden = reference.layer_inputs.get(start) if isinstance(reference, Reference) and same_positions else None
+    return _using(_RESUME, (start, hidden)) if hidden is not None else contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def full_ppl(model: Any, input_ids: torch.Tensor) -> float:
     """The uncompressed model's perplexity on tokens 1..n-1: a baseline, not a compression result."""
@@ -1015,7 +1083,8 @@ def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Ten
     if _is_identity(cfg):
         logits = reference_logits.logits if isinstance(reference_logits, Reference) else reference_logits
     else:
-        logits = continuation_logits(model, cache, new_ids, cfg.position_mode)
+        with _resumed(reference_logits, cfg.skip_layers, cfg.position_mode == "absolute"):
+            logits = continuation_logits(model, cache, new_ids, cfg.position_mode)
     m = token_metrics(logits, targets, reference_logits)
     context_len = pre.cache.seq_len
     n_kept = _n_kept_reported(context_len, cfg.keep_ratio, cfg.skip_layers, model)
@@ -1044,8 +1113,9 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
                          + (" with capture_hidden=True (kvpress policies)" if needs_hidden else "")
                          + f"; got one of {pre.cache.seq_len} tokens")
     new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
-    ref_logits = Reference.of(reference_logits if reference_logits is not None
-                              else continuation_logits(model, pre.cache, new_ids))
+    starts = {_first_compressed(c.skip_layers) for c in configs if c.position_mode == "absolute"}
+    ref_logits = (Reference.of(reference_logits) if reference_logits is not None
+                  else reference_forward(model, new_ids, pre.cache, starts))
     score_cache: dict[tuple, list] = {}
     results = []
     for cfg in _progress(configs, "configurations", progress):
@@ -1219,7 +1289,8 @@ def _query_positions(budget: torch.Tensor, position_mode: str, any_compressed: b
 
 @torch.inference_mode()
 def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: torch.Tensor,
-                     evict_override: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                     evict_override: dict[int, torch.Tensor] | None = None,
+                     reference: Reference | None = None) -> tuple[torch.Tensor, dict]:
     _, score_fn, _ = resolve_policy(cfg.policy)
     opts = PolicyOptions(cfg.seed, cfg.n_sink)
     n = ids.shape[1]
@@ -1242,7 +1313,7 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
 
     any_compressed = len(skip) < _n_layers(model)
     position_ids = _query_positions(budget, cfg.position_mode, any_compressed)[None].to(model.device)
-    with _using(_MASK_FN, mask_fn):
+    with _using(_MASK_FN, mask_fn), _resumed(reference, skip, cfg.position_mode == "absolute"):
         logits = model(input_ids=ids.to(model.device), position_ids=position_ids, use_cache=False).logits[0]
     return logits, evictions
 
@@ -1369,7 +1440,7 @@ def _run_engine(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget: tor
         logits = reference_logits.logits if isinstance(reference_logits, Reference) else reference_logits
         return logits, {}
     if cfg.engine == "one_pass":
-        return _stream_one_pass(model, ids, cfg, budget, evict_override)
+        return _stream_one_pass(model, ids, cfg, budget, evict_override, reference_logits)
     logits, (evictions,) = _stream_sequential(model, ids, cfg, budget, [cfg.order], progress)
     return logits[0], evictions
 
@@ -1378,7 +1449,7 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
                   max_cache: int | None = None, skip_layers: Sequence[int] = (0, 1), engine: Engine | None = None,
                   order: Order = "original", position_mode: PositionMode = "absolute", seed: int = 0,
                   n_sink: int = 4, prune_after: int | None = None, recent_window: int = 0, progress: bool = False,
-                  reference_logits: torch.Tensor | None = None,
+                  reference_logits: torch.Tensor | Reference | None = None,
                   evict_override: dict[int, torch.Tensor] | None = None) -> EvalResult:
     """Streaming protocol: every token is scored while the cache is compressed as it grows.
 
@@ -1392,7 +1463,8 @@ def streaming_ppl(model: Any, input_ids: torch.Tensor, policy: str = "knorm", ke
     ``engine="one_pass"`` (default where it applies) scores the text in ONE forward with a per-layer
     mask: eviction steps from the scores (a heap per KV head), or replayed inside each layer for h2o
     (``dynamic_eviction_steps``). ``"sequential"``: one forward per token, the reference (needed for
-    ``rerotated``). KL and top-1 agreement compare with ``reference_logits`` (default: computed)."""
+    ``rerotated``). KL and top-1 agreement compare with ``reference_logits`` (default: computed; a
+    ``reference_forward`` also lets the one-pass engine start at the first compressed layer)."""
     ids = _check_ids(input_ids)
     _check_vocab(model, ids)
     cfg, budget = _streaming_config(model, ids.shape[1], policy, keep_ratio, max_cache, skip_layers, engine, order,
@@ -1417,7 +1489,8 @@ def streaming_sweep(model: Any, input_ids: torch.Tensor | Sequence[torch.Tensor]
     _require(all(ids.shape[1] == n for ids in texts), "input_ids", [tuple(ids.shape) for ids in texts],
              "texts of one length")
     setups = [_streaming_config(model, n, **cfg) for cfg in configs]
-    references = [Reference.of(full_logits(model, ids)) for ids in texts]
+    starts = {_first_compressed(cfg.skip_layers) for cfg, _ in setups if cfg.engine == "one_pass"}
+    references = [reference_forward(model, ids, layers=starts) for ids in texts]
     results: dict[tuple[int, int], EvalResult] = {}
     batches: dict[StreamingConfig, list[int]] = {}
     for c, (cfg, budget) in _progress(list(enumerate(setups)), "streaming configurations", progress):

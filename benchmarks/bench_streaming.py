@@ -2,7 +2,11 @@
 
 Part 1, per policy family: one-pass ``streaming_ppl`` (reference logits given) against one plain
 forward (``kl.full_logits``) at 2,048 tokens of the longest wiki article on SmolLM2, keep_ratio 0.5,
-float32: knorm, random, high_norm, streaming, bursts (knorm, ``prune_after`` 1000), knorm with a
+float32, the reference given as ``streaming_sweep`` shares it across a text's configurations: a
+``kl.Reference`` (logits and per-row metric terms computed once) and, where the library has
+``reference_forward``, the input of the first compressed layer (so the run starts there; the
+skipped layers 0-1 ran once, in the reference forward). Records before 2026-12-04 gave the raw
+logits, so each call recomputed the metric terms (about 0.04 forwards here): knorm, random, high_norm, streaming, bursts (knorm, ``prune_after`` 1000), knorm with a
 64-token recent window, h2o (bars: score-fixed families <= 1.25x, h2o <= 2x). Each library version
 runs in a fresh child process: ``--before`` (a git revision of knorm_lib.py) and the working
 tree, one after the other; inside a process the plain forward is timed next to every family, so
@@ -64,7 +68,10 @@ def child_families(tokens: int, keep_ratio: float, rounds: int) -> None:
     assert Path(knorm_lib.__file__).parent == Path(sys.path[0]), knorm_lib.__file__
     model, tok = knorm_lib.load_model()
     ids = knorm_lib.long_documents(tok, "wiki", tokens, 1)[0].input_ids
-    reference = knorm_lib.full_logits(model, ids)
+    if hasattr(knorm_lib, "reference_forward"):
+        reference = knorm_lib.reference_forward(model, ids, layers=[2])
+    else:
+        reference = knorm_lib.Reference.of(knorm_lib.full_logits(model, ids))
     out = {"library": knorm_lib.__file__, "families": {}}
     for name, kw in FAMILIES.items():
         run = lambda: knorm_lib.streaming_ppl(model, ids, keep_ratio=keep_ratio, reference_logits=reference, **kw)

@@ -70,6 +70,7 @@ class Explorer:
 
     KEEP_RATIO_STEP = 0.05   # the keep_ratio slider's grid (0.05 .. 1.0)
     GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+    SKIP_OPTIONS = (("(0, 1) paper", (0, 1)), ("() all layers", ()), ("(0,)", (0,)))   # the skip_layers menu
 
     @staticmethod
     def check_setting(model: Any, keep_ratio: float, policy: str, skip_layers: Sequence[int],
@@ -105,7 +106,9 @@ class Explorer:
         self.pre = kl.prefill(model, self.ids[:, :self.context_len], capture_hidden=True)
         self.new_ids = self.ids[:, self.context_len:-1]
         self.targets = self.ids[0, self.context_len + 1:].to(model.device)
-        self.ref_logits = kl.Reference.of(kl.continuation_logits(model, self.pre.cache, self.new_ids))
+        # with the input of each menu skip set's first compressed layer: its points start there
+        self.ref_logits = kl.reference_forward(model, self.new_ids, self.pre.cache,
+                                               [kl._first_compressed(skip) for _, skip in self.SKIP_OPTIONS])
         self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
         self.prefill_seconds = time.perf_counter() - t0
         self._reference_ids: torch.Tensor | None = None
@@ -345,7 +348,7 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
                                  continuous_update=True, readout_format=".2f")
     w_policy = widgets.Dropdown(options=ui.policies, value=policy, description="policy")
     w_compare = widgets.Dropdown(options=["none"] + ui.policies, value="none", description="compare with")
-    skip_options = [("(0, 1) paper", (0, 1)), ("() all layers", ()), ("(0,)", (0,))]
+    skip_options = list(Explorer.SKIP_OPTIONS)
     if tuple(skip_layers) not in [value for _, value in skip_options]:
         skip_options.append((str(tuple(skip_layers)), tuple(skip_layers)))
     w_skip = widgets.Dropdown(options=skip_options, value=tuple(skip_layers), description="skip_layers")

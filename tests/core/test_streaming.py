@@ -362,3 +362,45 @@ def test_engines_agree_on_exact_ties_of_repeated_tokens(tiny64):
         assert torch.equal(seq.evictions[layer], one.evictions[layer]), f"layer {layer}"
     torch.testing.assert_close(one.nll, seq.nll, rtol=1e-9, atol=1e-9)
 
+
+
+@pytest.mark.parametrize("skip_layers", [(0, 1), (0,), ()], ids=["skip-0-1", "skip-0", "skip-none"])
+def test_runs_start_at_the_first_compressed_layer_with_the_same_bits(tiny32, ids48, skip_layers):
+    """Given a ``reference_forward`` that recorded the first compressed layer's input, one-pass
+    streaming and the prefill sweep's continuations skip the skipped layers before it (their
+    attention is not called) and give bit for bit the numbers of the full forward; other position
+    numbering runs every layer."""
+    calls: list[int] = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a: calls.append(m.layer_idx))
+             for layer in kl._layers(tiny32)]
+    try:
+        start = kl._first_compressed(skip_layers)
+        ref = kl.reference_forward(tiny32, ids48, layers=[start])
+        assert torch.equal(ref.logits, kl.full_logits(tiny32, ids48)) and set(ref.layer_inputs) == ({start} - {0})
+        for policy in ("knorm", "h2o"):
+            plain = kl.streaming_ppl(tiny32, ids48, policy, keep_ratio=0.5, skip_layers=skip_layers,
+                                     reference_logits=kl.Reference.of(ref.logits))
+            calls.clear()
+            resumed = kl.streaming_ppl(tiny32, ids48, policy, keep_ratio=0.5, skip_layers=skip_layers,
+                                       reference_logits=ref)
+            assert sorted(set(calls)) == list(range(start, 4))
+            assert torch.equal(plain.nll, resumed.nll) and torch.equal(plain.kl, resumed.kl)
+            assert all(torch.equal(plain.evictions[i], resumed.evictions[i]) for i in plain.evictions)
+        calls.clear()
+        kl.streaming_ppl(tiny32, ids48, "knorm", keep_ratio=0.5, skip_layers=skip_layers, reference_logits=ref,
+                         position_mode="cache_relative")
+        assert sorted(set(calls)) == list(range(4))
+        configs = [kl.EvalConfig(r, p, skip_layers, o, m) for r in (0.5, 0.25) for p in ("knorm", "random")
+                   for o in kl.ORDERS for m in ("absolute", "cache_relative")]
+        pre = kl.prefill(tiny32, ids48[:, :32])
+        given = kl.sweep(tiny32, ids48, 32, configs, pre=pre,
+                         reference_logits=kl.continuation_logits(tiny32, pre.cache, ids48[:, 32:-1]))
+        calls.clear()
+        shared = kl.sweep(tiny32, ids48, 32, configs, pre=pre)
+        n_absolute = sum(c.position_mode == "absolute" for c in configs)
+        assert calls.count(0) == len(configs) + 1 - (n_absolute if start > 0 else 0)  # + the reference's
+        for a, b in zip(given, shared):
+            assert torch.equal(a.nll, b.nll) and torch.equal(a.kl, b.kl)
+    finally:
+        for h in hooks:
+            h.remove()
