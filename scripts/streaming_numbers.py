@@ -1,6 +1,6 @@
 """Streaming-protocol perplexity on one long wiki article (first 2,048 tokens): knorm, random,
 high_norm, streaming (sink 4 + recent) and H2O at keep_ratio 0.9 / 0.5 / 0.25, true positions,
-skip_layers (0, 1). One-pass engine where it applies, sequential for H2O. Writes
+skip_layers (0, 1). One-pass engine (H2O's steps replayed inside each layer). Writes
 data/results/streaming/full.json and prints a table.
 """
 from __future__ import annotations
