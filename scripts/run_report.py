@@ -2,8 +2,11 @@
 
 For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
 the knorm_study modules it imports, the notebook runner, data/manifest.json, the corpora's bytes,
-requirements.txt, the profile and the model, device and dtype) hash the same as at its last
-successful run and its results file records the profile's default parameters; otherwise execute
+requirements.txt, the profile and the model, device and dtype; Python files by their code, as
+``runtime.code_sha256`` reads it, so a docstring or comment edit reruns nothing) hash the same as at
+its last successful run and its results file records the profile's default parameters. That run's
+stamp is committed beside the results (``data/stamps/``), so a fresh clone reruns only what an edit
+changed, not the whole profile; otherwise execute
 it in the project's kernel (``notebook_runner``: a per-cell timeout, one retry for a timeout,
 papermill's cell progress on screen), with the executed copy written to
 ``build/notebooks/[<slug>/]<profile>/``. This is the only writer of the committed ``data/results/``
@@ -18,8 +21,9 @@ on another model: its results, figures, stamps and executed notebooks go under i
 embedded model in float32 on a CPU), its report to ``reports/<slug>/REPORT-<profile>.md``. Before
 any notebook runs: the profile must be one every notebook knows, the device must be there, and
 the model must exist and be supported (its config is checked without loading weights); then one
-forward is timed and the profile's estimated time printed (``estimate``); a CPU ``paper`` run
-estimated over an hour needs ``--yes``.
+forward is timed and the profile's estimated time printed (``estimate``; for the embedded model
+too, and beside each notebook's measured time); a CPU ``paper`` run estimated over an hour needs
+``--yes``.
 
 ``--ledger`` runs only what the claims ledger reads (02, 04 and 07 with the variants its rows use:
 ``LEDGER_PARAMETERS``), so the paper profile's ledger fits a CPU session. ``--jobs N`` (CUDA only)
@@ -102,11 +106,20 @@ def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None =
         h.update(json.dumps(parameters, sort_keys=True).encode())
     for path in notebook_inputs(notebook, profile, slug):
         h.update(_shown(path).encode())
-        h.update(path.read_bytes() if path.exists() else b"<missing>")
+        if not path.exists():
+            h.update(b"<missing>")
+        else:
+            h.update(runtime.code_sha256(path).encode() if path.suffix == ".py" else path.read_bytes())
     for name in kl.CORPORA:
         h.update(kl.verified_corpus_path(name).name.encode())
         h.update(kl.file_sha256(kl.verified_corpus_path(name)).encode())
     return h.hexdigest()
+
+
+def stamp_dir(profile: str, slug: str | None = None) -> Path:
+    """Where a profile's run stamps live: ``data/stamps/[<slug>/]<profile>/`` beside the committed
+    ``data/results/`` (beside ``RESULTS`` wherever it points), committed with the results."""
+    return RESULTS.with_name("stamps") / (slug or "") / profile
 
 
 def recorded_defaults(results: Path, profile: str) -> bool:
@@ -284,9 +297,9 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
                                          + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
 
 
-def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> None:
-    """Load the model once, time one forward, print the profile's estimated time per notebook;
-    stop a CPU ``paper`` run estimated over an hour unless ``--yes``."""
+def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> dict[str, float]:
+    """Load the model once, time one forward, print the profile's estimated time per notebook and
+    return it (seconds by notebook); stop a CPU ``paper`` run estimated over an hour unless ``--yes``."""
     import knorm_lib as kl
 
     try:   # load_model's own refusals (a layout it cannot evaluate) stop the run here, named
@@ -309,6 +322,7 @@ def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> None:
             and total > 3600 and not args.yes:
         raise SystemExit(f"--profile paper on {args.device}: estimated {total / 3600:.1f} h; "
                          "rerun with --yes (make report ... YES=1) to go ahead")
+    return est
 
 
 # notebooks that read other notebooks' recorded results: with --jobs they run after the rest
@@ -382,25 +396,39 @@ def run_jobs(args: argparse.Namespace, notebooks: list[Path], log_dir: Path,
     return failed
 
 
+def notebook_parameters(args: argparse.Namespace, notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    """What ``notebook`` runs with: the run's ``parameters`` and, with ``--ledger``, its overrides."""
+    return {**parameters, **(LEDGER_PARAMETERS[notebook.stem[:2]] if args.ledger else {})}
+
+
+def up_to_date(args: argparse.Namespace, notebook: Path, parameters: dict[str, Any], slug: str | None,
+               stamps: Path) -> bool:
+    """Its stamp records the hash its inputs have now and its results the profile's defaults
+    (never with ``--force``)."""
+    stamp = stamps / f"{notebook.stem}.json"
+    results = RESULTS / notebook.stem / (slug or "") / f"{args.profile}.json"
+    return not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
+        and json.loads(stamp.read_text())["hash"] == input_hash(notebook, args.profile, parameters, slug)
+
+
 def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters: dict[str, Any],
-                     slug: str | None, out_dir: Path, stamp_dir: Path) -> list[str]:
+                     slug: str | None, out_dir: Path, stamps: Path,
+                     estimated: dict[str, float] | None = None) -> list[str]:
     """Run ``notebooks`` one after another in this process, skipping those whose inputs are
-    unchanged (see the module docstring); return those that failed."""
+    unchanged (see the module docstring); return those that failed. Each finished notebook's time
+    is printed beside its ``estimated`` one, where given."""
     import notebook_runner as runner
 
     figures = runtime.report_figures_dir(args.profile)
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
-        nb_parameters = {**parameters, **(LEDGER_PARAMETERS[nb.stem[:2]] if args.ledger else {})}
-        digest = input_hash(nb, args.profile, nb_parameters, slug)
-        stamp = stamp_dir / f"{nb.stem}.json"
-        results = RESULTS / nb.stem / (slug or "") / f"{args.profile}.json"
+        nb_parameters = notebook_parameters(args, nb, parameters)
         prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
-        if not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
-                and json.loads(stamp.read_text())["hash"] == digest:
+        if up_to_date(args, nb, nb_parameters, slug, stamps):
             print(f"{prefix}: unchanged, skipped", flush=True)
             continue
+        digest = input_hash(nb, args.profile, nb_parameters, slug)
         print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
         t0 = time.time()
         try:
@@ -413,10 +441,12 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters
         recorded = [p for p in (RESULTS / nb.stem / (slug or "")).glob("*.json") if p.stat().st_mtime >= t0]
         if not recorded:   # (06 on CUDA records as gpu-<card>.json)
             failures.append(nb.stem)
-            print(f"{prefix}: FAILED: it did not record {results}", flush=True)
+            print(f"{prefix}: FAILED: it did not record {RESULTS / nb.stem / (slug or '') / f'{args.profile}.json'}",
+                  flush=True)
             continue
-        runtime.write_json_atomic(stamp, {"hash": digest, "seconds": time.time() - t0})
-        print(f"{prefix}: done in {time.time() - t0:.0f} s; recorded "
+        runtime.write_json_atomic(stamps / f"{nb.stem}.json", {"hash": digest, "seconds": time.time() - t0})
+        guess = f" (estimated {estimated[nb.stem]:.0f} s)" if nb.stem in (estimated or {}) else ""
+        print(f"{prefix}: done in {time.time() - t0:.0f} s{guess}; recorded "
               + ", ".join(_shown(p) for p in recorded), flush=True)
     return failures
 
@@ -451,25 +481,27 @@ def main(argv: list[str] | None = None) -> int:
     if not embedded_default:
         print(f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}"
               f"{', ' + args.dtype if args.dtype else ''}: results under {slug}/", flush=True)
-    if (not embedded_default or args.ledger) and not args.no_summary:   # a --jobs child: its parent estimated
-        confirm_estimate(args, notebooks)
     parameters: dict[str, Any] = {"profile": args.profile}
     if not embedded_default:
         parameters.update(model_name=args.model, device=args.device, dtype=args.dtype)
     out_dir = BUILD / "notebooks" / (slug or "") / args.profile
-    stamp_dir = BUILD / "stamps" / (slug or "") / args.profile
+    stamps = stamp_dir(args.profile, slug)
+    # the notebooks that will run, estimated first, the embedded model's too (one forward's rate has
+    # differed threefold between two 2-core hosts of this project); a --jobs child's parent estimated
+    pending = [nb for nb in notebooks if not up_to_date(args, nb, notebook_parameters(args, nb, parameters), slug, stamps)]
+    estimated = {} if args.no_summary or not pending else confirm_estimate(args, pending)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp_dir.mkdir(parents=True, exist_ok=True)
+    stamps.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if args.jobs > 1:
         failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile)
     else:
-        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamp_dir)
+        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamps, estimated)
     if args.no_summary:
         return 1 if failures else 0
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
-          f"in {time.time() - t_start:.0f} s; HTML: {(BUILD / 'html' / (slug or '') / args.profile).relative_to(ROOT)}"
+          f"in {time.time() - t_start:.0f} s; HTML: {_shown(BUILD / 'html' / (slug or '') / args.profile)}"
           "/index.html", flush=True)
     import compare_results
     import render_report

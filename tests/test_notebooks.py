@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -390,6 +391,7 @@ def test_one_command_runs_every_notebook_on_another_architecture(tmp_path, monke
     assert run_report.main(["--model", path, "--profile", "quick", "--force"]) == 0
     screen = capsys.readouterr()
     assert "estimated time for the quick profile on cpu" in screen.out
+    assert len(re.findall(r"done in \d+ s \(estimated \d+ s\)", screen.out)) == len(NOTEBOOKS)   # each beside its estimate
     assert "without encryption" not in screen.out + screen.err
     for nb in NOTEBOOKS:
         recorded = json.loads((results / nb.stem / "qwen2" / "quick.json").read_text())

@@ -317,6 +317,61 @@ def test_a_long_cpu_paper_run_needs_yes(tmp_path, monkeypatch, capsys):
     run_report.confirm_estimate(_args(model=path, profile="quick", yes=False), notebooks)
 
 
+def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsys):
+    """`make report` on the embedded model estimates the notebooks it will run too (before: only
+    other models and --ledger), and prints each finished notebook's time beside its estimate; a
+    --jobs child (its parent estimated) and a run with nothing to rerun do not estimate."""
+    import notebook_runner
+
+    calls = []
+    monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs: calls.append(args.model) or
+                        {nb.stem: 12.0 for nb in nbs})
+    monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
+
+    def fake_execute(nb, out, parameters, results_dir, **_):
+        record = {"profile": parameters["profile"], "parameters": parameters}
+        runtime.write_json_atomic(results_dir / nb.stem / f"{parameters['profile']}.json", record)
+
+    monkeypatch.setattr(notebook_runner, "execute", fake_execute)
+    monkeypatch.setattr(run_report, "write_html", lambda *a, **k: None)
+    import compare_results
+
+    monkeypatch.setattr(compare_results, "main", lambda argv: 0)
+    monkeypatch.setattr(render_report, "main", lambda argv: 0)
+    assert run_report.main(["--profile", "quick", "--only", "07", "--force"]) == 0
+    assert calls == [None]   # the embedded model
+    assert re.search(r"07_paper_claims \(quick\): done in \d+ s \(estimated 12 s\)", capsys.readouterr().out)
+    assert run_report.main(["--profile", "quick", "--only", "07", "--force", "--no-summary"]) == 0
+    assert calls == [None]
+    # the run's stamp lies beside the results (committed with them), so the next run, here or on a
+    # fresh clone, skips the notebook
+    assert (tmp_path / "stamps" / "quick" / "07_paper_claims.json").exists()
+    assert run_report.main(["--profile", "quick", "--only", "07"]) == 0
+    assert "07_paper_claims (quick): unchanged, skipped" in capsys.readouterr().out
+    assert calls == [None]   # nothing to run: no model loaded, no estimate
+
+
+def test_run_stamps_read_python_files_by_their_code(tmp_path, monkeypatch):
+    """A docstring or comment edit to a study module a notebook imports keeps its stamp (nothing
+    reruns, as the stale-results test keeps its results valid); a code edit changes it."""
+    import shutil
+
+    for name in ("notebooks/01_norm_distributions.ipynb", *run_report.HASHED_INPUTS, "knorm_study/norm_distributions.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(run_report, "ROOT", tmp_path)
+    nb = tmp_path / "notebooks" / "01_norm_distributions.ipynb"
+    module = tmp_path / "knorm_study" / "norm_distributions.py"
+    assert module in run_report.notebook_inputs(nb, "full")
+    source = module.read_text()
+    before = run_report.input_hash(nb, "full")
+    module.write_text(source.replace('"""', '"""Edited prose. ', 1) + "\n# a comment\n")
+    assert run_report.input_hash(nb, "full") == before
+    module.write_text(source + "\nEXTRA = 1\n")
+    assert run_report.input_hash(nb, "full") != before
+
+
 def test_the_measured_forward_rate_is_positive(tiny32):
     assert 0 < run_report.measured_forward_s_per_token(tiny32, n_tokens=32) < 1
 
