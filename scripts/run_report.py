@@ -21,8 +21,9 @@ on another model: its results, figures, stamps and executed notebooks go under i
 embedded model in float32 on a CPU), its report to ``reports/<slug>/REPORT-<profile>.md``. Before
 any notebook runs: the profile must be one every notebook knows, the device must be there, and
 the model must exist and be supported (its config is checked without loading weights); then one
-forward is timed and the profile's estimated time printed (``estimate``; for the embedded model
-too, and beside each notebook's measured time); a CPU ``paper`` run estimated over an hour needs
+forward is timed and the profile's estimated time printed (``estimate``: from each notebook's last
+stamped run where there is one; for the embedded model too, and beside each notebook's measured
+time); a CPU ``paper`` run estimated over an hour needs
 ``--yes``.
 
 ``--ledger`` runs only what the claims ledger reads (02, 04 and 07 with the variants its rows use:
@@ -196,15 +197,33 @@ FORWARD_TOKENS: dict[str, Callable[[dict[str, Any]], int]] = {
 
 
 def estimate(notebooks: list[Path], profile: str, forward_s_per_token: float,
-             overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
-    """Seconds per notebook: its forward tokens (``FORWARD_TOKENS``) at the measured rate, with
-    ``overrides`` (by notebook number, e.g. ``LEDGER_PARAMETERS``) in place of its defaults."""
+             overrides: dict[str, dict[str, Any]] | None = None,
+             last_runs: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """Seconds per notebook: its last run's time scaled by the forward rate now over that run's
+    (``last_runs``: ``(seconds, forward_s_per_token)`` by notebook, from its stamp), else its forward
+    tokens (``FORWARD_TOKENS``) at the measured rate, with ``overrides`` (by notebook number, e.g.
+    ``LEDGER_PARAMETERS``) in place of its defaults."""
     out = {}
     for nb in notebooks:
         key = nb.stem[:2]
         sizes = {**notebook_sizes(nb, profile), **(overrides or {}).get(key, {})}
-        out[nb.stem] = FORWARD_TOKENS[key](sizes) * forward_s_per_token if key in FORWARD_TOKENS else 0.0
+        if nb.stem in (last_runs or {}):
+            seconds, rate = last_runs[nb.stem]
+            out[nb.stem] = seconds * forward_s_per_token / rate
+        else:
+            out[nb.stem] = FORWARD_TOKENS[key](sizes) * forward_s_per_token if key in FORWARD_TOKENS else 0.0
     return out
+
+
+def last_run(stamps: Path, notebook: Path, parameters: dict[str, Any]) -> tuple[float, float] | None:
+    """``(seconds, forward_s_per_token)`` of the notebook's stamped run, if it ran with ``parameters``
+    and its runner measured the forward rate (``run_sequentially``)."""
+    path = stamps / f"{notebook.stem}.json"
+    stamp = json.loads(path.read_text()) if path.exists() else {}
+    if stamp.get("seconds") and stamp.get("forward_s_per_token") \
+            and stamp.get("parameters") == json.loads(json.dumps(parameters)):
+        return stamp["seconds"], stamp["forward_s_per_token"]
+    return None
 
 
 def measured_forward_s_per_token(model: Any, n_tokens: int = 1024) -> float:
@@ -297,9 +316,11 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
                                          + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
 
 
-def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> dict[str, float]:
-    """Load the model once, time one forward, print the profile's estimated time per notebook and
-    return it (seconds by notebook); stop a CPU ``paper`` run estimated over an hour unless ``--yes``."""
+def confirm_estimate(args: argparse.Namespace, notebooks: list[Path],
+                     last_runs: dict[str, tuple[float, float]] | None = None) -> tuple[dict[str, float], float]:
+    """Load the model once, time one forward, print the profile's estimated time per notebook
+    (``estimate``) and return it (seconds by notebook) with the forward rate; stop a CPU ``paper``
+    run estimated over an hour unless ``--yes``."""
     import knorm_lib as kl
 
     try:   # load_model's own refusals (a layout it cannot evaluate) stop the run here, named
@@ -312,17 +333,19 @@ def confirm_estimate(args: argparse.Namespace, notebooks: list[Path]) -> dict[st
         import torch
 
         torch.cuda.empty_cache()
-    est = estimate(notebooks, args.profile, rate, LEDGER_PARAMETERS if args.ledger else None)
+    last_runs = last_runs or {}
+    est = estimate(notebooks, args.profile, rate, LEDGER_PARAMETERS if args.ledger else None, last_runs)
     total = sum(est.values())
     print(f"estimated time for the {args.profile} profile on {args.device}: {total / 60:.0f} min "
-          f"(one measured forward: {rate * 1e3:.2f} ms per token × each notebook's forward tokens; "
-          "an estimate that leaves out per-step overheads): "
-          + ", ".join(f"{nb[:2]} {sec / 60:.0f} min" for nb, sec in est.items()), flush=True)
+          f"(one measured forward: {rate * 1e3:.2f} ms per token; * its last run's time × this rate / that run's, "
+          "else its forward tokens at this rate, which leaves out per-step overheads): "
+          + ", ".join(f"{nb[:2]} {sec / 60:.0f} min{'*' if nb in last_runs else ''}" for nb, sec in est.items()),
+          flush=True)
     if args.profile == "paper" and not args.device.startswith("cuda") and args.device != "auto" \
             and total > 3600 and not args.yes:
         raise SystemExit(f"--profile paper on {args.device}: estimated {total / 3600:.1f} h; "
                          "rerun with --yes (make report ... YES=1) to go ahead")
-    return est
+    return est, rate
 
 
 # notebooks that read other notebooks' recorded results: with --jobs they run after the rest
@@ -413,10 +436,11 @@ def up_to_date(args: argparse.Namespace, notebook: Path, parameters: dict[str, A
 
 def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters: dict[str, Any],
                      slug: str | None, out_dir: Path, stamps: Path,
-                     estimated: dict[str, float] | None = None) -> list[str]:
+                     estimated: dict[str, float] | None = None, forward_s_per_token: float | None = None) -> list[str]:
     """Run ``notebooks`` one after another in this process, skipping those whose inputs are
     unchanged (see the module docstring); return those that failed. Each finished notebook's time
-    is printed beside its ``estimated`` one, where given."""
+    is printed beside its ``estimated`` one, where given; its stamp keeps its time, parameters and the
+    run's ``forward_s_per_token``, for the next estimate."""
     import notebook_runner as runner
 
     figures = runtime.report_figures_dir(args.profile)
@@ -444,7 +468,9 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters
             print(f"{prefix}: FAILED: it did not record {RESULTS / nb.stem / (slug or '') / f'{args.profile}.json'}",
                   flush=True)
             continue
-        runtime.write_json_atomic(stamps / f"{nb.stem}.json", {"hash": digest, "seconds": time.time() - t0})
+        runtime.write_json_atomic(stamps / f"{nb.stem}.json", {"hash": digest, "seconds": time.time() - t0,
+                                                              "forward_s_per_token": forward_s_per_token,
+                                                              "parameters": nb_parameters})
         guess = f" (estimated {estimated[nb.stem]:.0f} s)" if nb.stem in (estimated or {}) else ""
         print(f"{prefix}: done in {time.time() - t0:.0f} s{guess}; recorded "
               + ", ".join(_shown(p) for p in recorded), flush=True)
@@ -489,14 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     # the notebooks that will run, estimated first, the embedded model's too (one forward's rate has
     # differed threefold between two 2-core hosts of this project); a --jobs child's parent estimated
     pending = [nb for nb in notebooks if not up_to_date(args, nb, notebook_parameters(args, nb, parameters), slug, stamps)]
-    estimated = {} if args.no_summary or not pending else confirm_estimate(args, pending)
+    last_runs = {nb.stem: run for nb in pending
+                 if (run := last_run(stamps, nb, notebook_parameters(args, nb, parameters))) is not None}
+    estimated, rate = ({}, None) if args.no_summary or not pending else confirm_estimate(args, pending, last_runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if args.jobs > 1:
         failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile)
     else:
-        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamps, estimated)
+        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamps, estimated, rate)
     if args.no_summary:
         return 1 if failures else 0
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)

@@ -324,8 +324,8 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     import notebook_runner
 
     calls = []
-    monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs: calls.append(args.model) or
-                        {nb.stem: 12.0 for nb in nbs})
+    monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs, last_runs: calls.append(args.model) or
+                        ({nb.stem: 12.0 for nb in nbs}, 0.005))
     monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
 
@@ -350,6 +350,15 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     assert run_report.main(["--profile", "quick", "--only", "07"]) == 0
     assert "07_paper_claims (quick): unchanged, skipped" in capsys.readouterr().out
     assert calls == [None]   # nothing to run: no model loaded, no estimate
+    # the stamp keeps what the next estimate scales: the run's time, parameters and forward rate
+    stamps, nb07 = run_report.stamp_dir("quick"), ROOT / "notebooks" / "07_paper_claims.ipynb"
+    assert run_report.last_run(stamps, nb07, {"profile": "quick"}) is None   # a --jobs child's stamp: no rate
+    assert run_report.main(["--profile", "quick", "--only", "07", "--force"]) == 0
+    seconds, rate = run_report.last_run(stamps, nb07, {"profile": "quick"})
+    assert seconds > 0 and rate == 0.005
+    assert run_report.last_run(stamps, nb07, {"profile": "quick", "x": 1}) is None   # other parameters
+    nb04 = ROOT / "notebooks" / "04_quality_tradeoffs.ipynb"
+    assert run_report.estimate([nb04], "full", 0.002, last_runs={nb04.stem: (1000.0, 0.001)}) == {nb04.stem: 2000.0}
 
 
 def test_run_stamps_read_python_files_by_their_code(tmp_path, monkeypatch):
