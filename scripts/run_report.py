@@ -23,8 +23,7 @@ any notebook runs: the profile must be one every notebook knows, the device must
 the model must exist and be supported (its config is checked without loading weights); then one
 forward is timed and the profile's estimated time printed (``estimate``: from each notebook's last
 stamped run where there is one; for the embedded model too, and beside each notebook's measured
-time); a CPU ``paper`` run estimated over an hour needs
-``--yes``.
+time); a CPU ``paper`` run estimated over an hour needs ``--yes``.
 
 ``--ledger`` runs only what the claims ledger reads (02, 04 and 07 with the variants its rows use:
 ``LEDGER_PARAMETERS``), so the paper profile's ledger fits a CPU session. ``--jobs N`` (CUDA only)
@@ -514,9 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     stamps = stamp_dir(args.profile, slug)
     # the notebooks that will run, estimated first, the embedded model's too (one forward's rate has
     # differed threefold between two 2-core hosts of this project); a --jobs child's parent estimated
-    pending = [nb for nb in notebooks if not up_to_date(args, nb, notebook_parameters(args, nb, parameters), slug, stamps)]
-    last_runs = {nb.stem: run for nb in pending
-                 if (run := last_run(stamps, nb, notebook_parameters(args, nb, parameters))) is not None}
+    runs_with = {nb: notebook_parameters(args, nb, parameters) for nb in notebooks}
+    pending = [nb for nb in notebooks if not up_to_date(args, nb, runs_with[nb], slug, stamps)]
+    last_runs = {nb.stem: run for nb in pending if (run := last_run(stamps, nb, runs_with[nb])) is not None}
     estimated, rate = ({}, None) if args.no_summary or not pending else confirm_estimate(args, pending, last_runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
