@@ -433,6 +433,17 @@ def up_to_date(args: argparse.Namespace, notebook: Path, parameters: dict[str, A
         and json.loads(stamp.read_text())["hash"] == input_hash(notebook, args.profile, parameters, slug)
 
 
+def _result_files(notebook: Path, slug: str | None) -> dict[Path, tuple[int, int, int]]:
+    """The notebook's result files, each with its (inode, mtime in ns, size): a run's atomic write
+    replaces the inode. (A file's mtime alone is not enough: the file clock is coarser than
+    ``time.time()``, so a record written just after the run started can look older than it.)"""
+    files = {}
+    for p in (RESULTS / notebook.stem / (slug or "")).glob("*.json"):
+        st = p.stat()
+        files[p] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return files
+
+
 def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters: dict[str, Any],
                      slug: str | None, out_dir: Path, stamps: Path,
                      estimated: dict[str, float] | None = None, forward_s_per_token: float | None = None) -> list[str]:
@@ -453,6 +464,7 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters
             continue
         digest = input_hash(nb, args.profile, nb_parameters, slug)
         print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
+        before = _result_files(nb, slug)
         t0 = time.time()
         try:
             runner.execute(nb, out_dir / nb.name, nb_parameters, progress=True, results_dir=RESULTS, figures_dir=figures)
@@ -461,7 +473,7 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters
             print(f"{prefix}: FAILED after {time.time() - t0:.0f} s: {exc}\n"
                   f"    executed copy: {out_dir / nb.name}", flush=True)
             continue
-        recorded = [p for p in (RESULTS / nb.stem / (slug or "")).glob("*.json") if p.stat().st_mtime >= t0]
+        recorded = [p for p, identity in _result_files(nb, slug).items() if before.get(p) != identity]
         if not recorded:   # (06 on CUDA records as gpu-<card>.json)
             failures.append(nb.stem)
             print(f"{prefix}: FAILED: it did not record {RESULTS / nb.stem / (slug or '') / f'{args.profile}.json'}",

@@ -361,6 +361,33 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     assert run_report.estimate([nb04], "full", 0.002, last_runs={nb04.stem: (1000.0, 0.001)}) == {nb04.stem: 2000.0}
 
 
+def test_a_run_counts_what_it_wrote_not_the_file_clock(tmp_path, monkeypatch, capsys):
+    """A notebook's run is checked for a record it wrote. The file clock is coarser than
+    ``time.time()``, so a record written just after the start can carry an earlier mtime (CI failed
+    on that once); a run that writes nothing still fails, even beside an older record."""
+    monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs, last_runs: ({}, None))
+    monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
+    monkeypatch.setattr(run_report, "write_html", lambda *a, **k: None)
+    import compare_results
+
+    monkeypatch.setattr(compare_results, "main", lambda argv: 0)
+    monkeypatch.setattr(render_report, "main", lambda argv: 0)
+    record = tmp_path / "results" / "07_paper_claims" / "quick.json"
+
+    def writes_with_an_earlier_mtime(nb, out, parameters, results_dir, **_):
+        runtime.write_json_atomic(record, {"profile": "quick", "parameters": parameters})
+        os.utime(record, (time.time() - 1, time.time() - 1))
+
+    monkeypatch.setattr(runner, "execute", writes_with_an_earlier_mtime)
+    for _ in range(2):   # new, then replacing the last run's record
+        assert run_report.main(["--profile", "quick", "--only", "07", "--force", "--no-summary"]) == 0
+        assert "07_paper_claims (quick): done in" in capsys.readouterr().out
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: None)
+    assert run_report.main(["--profile", "quick", "--only", "07", "--force", "--no-summary"]) == 1
+    assert "FAILED: it did not record" in capsys.readouterr().out
+
+
 def test_run_stamps_read_python_files_by_their_code(tmp_path, monkeypatch):
     """A docstring or comment edit to a study module a notebook imports keeps its stamp (nothing
     reruns, as the stale-results test keeps its results valid); a code edit changes it."""
