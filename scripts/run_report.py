@@ -367,10 +367,13 @@ def check_jobs(args: argparse.Namespace) -> None:
         raise SystemExit(f"--jobs {args.jobs}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _child_command(args: argparse.Namespace, notebook: Path) -> list[str]:
-    """This script for one notebook, with the same choices (one card: CUDA_VISIBLE_DEVICES)."""
+def _child_command(args: argparse.Namespace, notebook: Path, forward_s_per_token: float | None = None) -> list[str]:
+    """This script for one notebook, with the same choices (one card: CUDA_VISIBLE_DEVICES) and the
+    forward rate its parent measured, for its stamp."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", notebook.stem, "--profile", args.profile,
            "--device", args.device, "--jobs", "1", "--no-summary"]
+    if forward_s_per_token is not None:
+        cmd += ["--forward-s-per-token", repr(forward_s_per_token)]
     for flag, value in (("--model", args.model), ("--dtype", args.dtype)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -378,7 +381,8 @@ def _child_command(args: argparse.Namespace, notebook: Path) -> list[str]:
 
 
 def run_jobs(args: argparse.Namespace, notebooks: list[Path], log_dir: Path,
-             launch: Callable[[list[str], dict[str, str], Path], int] | None = None) -> list[str]:
+             launch: Callable[[list[str], dict[str, str], Path], int] | None = None,
+             forward_s_per_token: float | None = None) -> list[str]:
     """Run ``notebooks`` ``args.jobs`` at a time, each in its own process on its own card
     (``CUDA_VISIBLE_DEVICES``), its screen output in ``log_dir/<notebook>.log``; those in
     ``READS_OTHERS`` after all the others. Return the notebooks that failed."""
@@ -402,7 +406,7 @@ def run_jobs(args: argparse.Namespace, notebooks: list[Path], log_dir: Path,
         try:
             t0, log = time.time(), log_dir / f"{nb.stem}.log"
             print(f"{nb.stem} ({args.profile}): running on card {card}; log {_shown(log)}", flush=True)
-            rc = launch(_child_command(args, nb), {"CUDA_VISIBLE_DEVICES": str(card), "KNORM_RESULTS_DIR": str(RESULTS)}, log)
+            rc = launch(_child_command(args, nb, forward_s_per_token), {"CUDA_VISIBLE_DEVICES": str(card), "KNORM_RESULTS_DIR": str(RESULTS)}, log)
             print(f"{nb.stem} ({args.profile}): {'done' if rc == 0 else 'FAILED'} in {time.time() - t0:.0f} s "
                   f"on card {card}", flush=True)
             return None if rc == 0 else nb.stem
@@ -501,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun even when inputs are unchanged")
     ap.add_argument("--jobs", type=int, default=1, help="notebooks at once, one per CUDA card (default 1; 07 runs last)")
     ap.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)   # a --jobs child: no HTML, compare or report
+    ap.add_argument("--forward-s-per-token", type=float, help=argparse.SUPPRESS)   # a --jobs child: its parent's rate
     args = ap.parse_args(argv)
 
     notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -525,15 +530,17 @@ def main(argv: list[str] | None = None) -> int:
     stamps = stamp_dir(args.profile, slug)
     # the notebooks that will run, estimated first, the embedded model's too (one forward's rate has
     # differed threefold between two 2-core hosts of this project); a --jobs child's parent estimated
+    # and passed its rate on
     runs_with = {nb: notebook_parameters(args, nb, parameters) for nb in notebooks}
     pending = [nb for nb in notebooks if not up_to_date(args, nb, runs_with[nb], slug, stamps)]
     last_runs = {nb.stem: run for nb in pending if (run := last_run(stamps, nb, runs_with[nb])) is not None}
-    estimated, rate = ({}, None) if args.no_summary or not pending else confirm_estimate(args, pending, last_runs)
+    estimated, rate = (({}, args.forward_s_per_token) if args.no_summary or not pending
+                       else confirm_estimate(args, pending, last_runs))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if args.jobs > 1:
-        failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile)
+        failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile, forward_s_per_token=rate)
     else:
         failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamps, estimated, rate)
     if args.no_summary:

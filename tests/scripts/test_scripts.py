@@ -344,6 +344,11 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     assert re.search(r"07_paper_claims \(quick\): done in \d+ s \(estimated 12 s\)", capsys.readouterr().out)
     assert run_report.main(["--profile", "quick", "--only", "07", "--force", "--no-summary"]) == 0
     assert calls == [None]
+    stamps, nb07 = run_report.stamp_dir("quick"), ROOT / "notebooks" / "07_paper_claims.ipynb"
+    assert run_report.last_run(stamps, nb07, {"profile": "quick"}) is None   # a child not given its parent's rate
+    assert run_report.main(["--profile", "quick", "--only", "07", "--force", "--no-summary",
+                            "--forward-s-per-token", "0.004"]) == 0
+    assert calls == [None] and run_report.last_run(stamps, nb07, {"profile": "quick"})[1] == 0.004
     # the run's stamp lies beside the results (committed with them), so the next run, here or on a
     # fresh clone, skips the notebook
     assert (tmp_path / "stamps" / "quick" / "07_paper_claims.json").exists()
@@ -351,8 +356,6 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     assert "07_paper_claims (quick): unchanged, skipped" in capsys.readouterr().out
     assert calls == [None]   # nothing to run: no model loaded, no estimate
     # the stamp keeps what the next estimate scales: the run's time, parameters and forward rate
-    stamps, nb07 = run_report.stamp_dir("quick"), ROOT / "notebooks" / "07_paper_claims.ipynb"
-    assert run_report.last_run(stamps, nb07, {"profile": "quick"}) is None   # a --jobs child's stamp: no rate
     assert run_report.main(["--profile", "quick", "--only", "07", "--force"]) == 0
     seconds, rate = run_report.last_run(stamps, nb07, {"profile": "quick"})
     assert seconds > 0 and rate == 0.005
@@ -479,9 +482,11 @@ def test_parallel_jobs_take_one_card_each_and_the_ledger_runs_last(tmp_path, mon
             busy.discard(card)
             events.append(("end", nb, card))
         assert cmd[cmd.index("--jobs") + 1] == "1" and "--no-summary" in cmd and "--ledger" in cmd
+        assert cmd[cmd.index("--forward-s-per-token") + 1] == "0.003"   # the parent's rate, for the stamp
         return 1 if nb.startswith("03") else 0
 
-    failed = run_report.run_jobs(_args(jobs=2, device="cuda", ledger=True, model="org/m"), notebooks, tmp_path, launch)
+    failed = run_report.run_jobs(_args(jobs=2, device="cuda", ledger=True, model="org/m"), notebooks, tmp_path, launch,
+                                 forward_s_per_token=0.003)
     assert failed == ["03_position_order_ppl"]
     starts = [e for e in events if e[0] == "start"]
     assert sorted(e[1] for e in starts) == [nb.stem for nb in notebooks] and {e[2] for e in starts} == {"0", "1"}
