@@ -406,7 +406,8 @@ def run_jobs(args: argparse.Namespace, notebooks: list[Path], log_dir: Path,
         try:
             t0, log = time.time(), log_dir / f"{nb.stem}.log"
             print(f"{nb.stem} ({args.profile}): running on card {card}; log {_shown(log)}", flush=True)
-            rc = launch(_child_command(args, nb, forward_s_per_token), {"CUDA_VISIBLE_DEVICES": str(card), "KNORM_RESULTS_DIR": str(RESULTS)}, log)
+            env = {"CUDA_VISIBLE_DEVICES": str(card), "KNORM_RESULTS_DIR": str(RESULTS)}
+            rc = launch(_child_command(args, nb, forward_s_per_token), env, log)
             print(f"{nb.stem} ({args.profile}): {'done' if rc == 0 else 'FAILED'} in {time.time() - t0:.0f} s "
                   f"on card {card}", flush=True)
             return None if rc == 0 else nb.stem
@@ -427,14 +428,17 @@ def notebook_parameters(args: argparse.Namespace, notebook: Path, parameters: di
     return {**parameters, **(LEDGER_PARAMETERS[notebook.stem[:2]] if args.ledger else {})}
 
 
-def up_to_date(args: argparse.Namespace, notebook: Path, parameters: dict[str, Any], slug: str | None,
-               stamps: Path) -> bool:
-    """Its stamp records the hash its inputs have now and its results the profile's defaults
-    (never with ``--force``)."""
-    stamp = stamps / f"{notebook.stem}.json"
-    results = RESULTS / notebook.stem / (slug or "") / f"{args.profile}.json"
+def results_file(notebook: Path, profile: str, slug: str | None) -> Path:
+    """Where a run of ``notebook`` records its results (under ``RESULTS``)."""
+    return RESULTS / notebook.stem / (slug or "") / f"{profile}.json"
+
+
+def up_to_date(args: argparse.Namespace, notebook: Path, digest: str, slug: str | None, stamps: Path) -> bool:
+    """Its stamp records ``digest`` (the hash its inputs have now: ``input_hash``) and its results
+    the profile's defaults (never with ``--force``)."""
+    stamp, results = stamps / f"{notebook.stem}.json", results_file(notebook, args.profile, slug)
     return not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
-        and json.loads(stamp.read_text())["hash"] == input_hash(notebook, args.profile, parameters, slug)
+        and json.loads(stamp.read_text())["hash"] == digest
 
 
 def _result_files(notebook: Path, slug: str | None) -> dict[Path, tuple[int, int, int]]:
@@ -448,25 +452,25 @@ def _result_files(notebook: Path, slug: str | None) -> dict[Path, tuple[int, int
     return files
 
 
-def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters: dict[str, Any],
+def run_sequentially(args: argparse.Namespace, notebooks: list[Path], pending: dict[Path, tuple[dict[str, Any], str]],
                      slug: str | None, out_dir: Path, stamps: Path,
                      estimated: dict[str, float] | None = None, forward_s_per_token: float | None = None) -> list[str]:
-    """Run ``notebooks`` one after another in this process, skipping those whose inputs are
-    unchanged (see the module docstring); return those that failed. Each finished notebook's time
-    is printed beside its ``estimated`` one, where given; its stamp keeps its time, parameters and the
-    run's ``forward_s_per_token``, for the next estimate."""
+    """Run the ``pending`` notebooks (each with its parameters and input hash) one after another in
+    this process, in the order of ``notebooks``, the others reported unchanged (see the module
+    docstring); return those that failed. Each finished notebook's time is printed beside its
+    ``estimated`` one, where given; its stamp keeps its time, parameters and the run's
+    ``forward_s_per_token``, for the next estimate."""
     import notebook_runner as runner
 
     figures = runtime.report_figures_dir(args.profile)
     t_start = time.time()
     failures = []
     for i, nb in enumerate(notebooks, 1):
-        nb_parameters = notebook_parameters(args, nb, parameters)
         prefix = f"[{i}/{len(notebooks)}] {nb.stem} ({args.profile})"
-        if up_to_date(args, nb, nb_parameters, slug, stamps):
+        if nb not in pending:
             print(f"{prefix}: unchanged, skipped", flush=True)
             continue
-        digest = input_hash(nb, args.profile, nb_parameters, slug)
+        nb_parameters, digest = pending[nb]
         print(f"{prefix}: running (elapsed so far {time.time() - t_start:.0f} s) ...", flush=True)
         before = _result_files(nb, slug)
         t0 = time.time()
@@ -480,8 +484,7 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], parameters
         recorded = [p for p, identity in _result_files(nb, slug).items() if before.get(p) != identity]
         if not recorded:   # (06 on CUDA records as gpu-<card>.json)
             failures.append(nb.stem)
-            print(f"{prefix}: FAILED: it did not record {RESULTS / nb.stem / (slug or '') / f'{args.profile}.json'}",
-                  flush=True)
+            print(f"{prefix}: FAILED: it did not record {results_file(nb, args.profile, slug)}", flush=True)
             continue
         runtime.write_json_atomic(stamps / f"{nb.stem}.json", {"hash": digest, "seconds": time.time() - t0,
                                                               "forward_s_per_token": forward_s_per_token,
@@ -532,17 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     # differed threefold between two 2-core hosts of this project); a --jobs child's parent estimated
     # and passed its rate on
     runs_with = {nb: notebook_parameters(args, nb, parameters) for nb in notebooks}
-    pending = [nb for nb in notebooks if not up_to_date(args, nb, runs_with[nb], slug, stamps)]
+    digests = {nb: input_hash(nb, args.profile, runs_with[nb], slug) for nb in notebooks}
+    pending = {nb: (runs_with[nb], digests[nb]) for nb in notebooks if not up_to_date(args, nb, digests[nb], slug, stamps)}
     last_runs = {nb.stem: run for nb in pending if (run := last_run(stamps, nb, runs_with[nb])) is not None}
     estimated, rate = (({}, args.forward_s_per_token) if args.no_summary or not pending
-                       else confirm_estimate(args, pending, last_runs))
+                       else confirm_estimate(args, list(pending), last_runs))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if args.jobs > 1:
         failures = run_jobs(args, notebooks, BUILD / "logs" / (slug or "") / args.profile, forward_s_per_token=rate)
     else:
-        failures = run_sequentially(args, notebooks, parameters, slug, out_dir, stamps, estimated, rate)
+        failures = run_sequentially(args, notebooks, pending, slug, out_dir, stamps, estimated, rate)
     if args.no_summary:
         return 1 if failures else 0
     write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)

@@ -317,28 +317,32 @@ def test_a_long_cpu_paper_run_needs_yes(tmp_path, monkeypatch, capsys):
     run_report.confirm_estimate(_args(model=path, profile="quick", yes=False), notebooks)
 
 
-def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def report_in_tmp(tmp_path, monkeypatch):
+    """run_report.main with its results, stamps and build under ``tmp_path`` and no HTML, compare or
+    report rendering (the tests below give it a fake notebook executor)."""
+    import compare_results
+
+    monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
+    monkeypatch.setattr(run_report, "write_html", lambda *a, **k: None)
+    monkeypatch.setattr(compare_results, "main", lambda argv: 0)
+    monkeypatch.setattr(render_report, "main", lambda argv: 0)
+
+
+def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsys, report_in_tmp):
     """`make report` on the embedded model estimates the notebooks it will run too (before: only
     other models and --ledger), and prints each finished notebook's time beside its estimate; a
     --jobs child (its parent estimated) and a run with nothing to rerun do not estimate."""
-    import notebook_runner
-
     calls = []
     monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs, last_runs: calls.append(args.model) or
                         ({nb.stem: 12.0 for nb in nbs}, 0.005))
-    monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
 
     def fake_execute(nb, out, parameters, results_dir, **_):
         record = {"profile": parameters["profile"], "parameters": parameters}
         runtime.write_json_atomic(results_dir / nb.stem / f"{parameters['profile']}.json", record)
 
-    monkeypatch.setattr(notebook_runner, "execute", fake_execute)
-    monkeypatch.setattr(run_report, "write_html", lambda *a, **k: None)
-    import compare_results
-
-    monkeypatch.setattr(compare_results, "main", lambda argv: 0)
-    monkeypatch.setattr(render_report, "main", lambda argv: 0)
+    monkeypatch.setattr(runner, "execute", fake_execute)
     assert run_report.main(["--profile", "quick", "--only", "07", "--force"]) == 0
     assert calls == [None]   # the embedded model
     assert re.search(r"07_paper_claims \(quick\): done in \d+ s \(estimated 12 s\)", capsys.readouterr().out)
@@ -364,18 +368,11 @@ def test_every_run_but_a_jobs_child_estimates_first(tmp_path, monkeypatch, capsy
     assert run_report.estimate([nb04], "full", 0.002, last_runs={nb04.stem: (1000.0, 0.001)}) == {nb04.stem: 2000.0}
 
 
-def test_a_run_counts_what_it_wrote_not_the_file_clock(tmp_path, monkeypatch, capsys):
+def test_a_run_counts_what_it_wrote_not_the_file_clock(tmp_path, monkeypatch, capsys, report_in_tmp):
     """A notebook's run is checked for a record it wrote. The file clock is coarser than
     ``time.time()``, so a record written just after the start can carry an earlier mtime (CI failed
     on that once); a run that writes nothing still fails, even beside an older record."""
     monkeypatch.setattr(run_report, "confirm_estimate", lambda args, nbs, last_runs: ({}, None))
-    monkeypatch.setattr(run_report, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(run_report, "BUILD", tmp_path / "build")
-    monkeypatch.setattr(run_report, "write_html", lambda *a, **k: None)
-    import compare_results
-
-    monkeypatch.setattr(compare_results, "main", lambda argv: 0)
-    monkeypatch.setattr(render_report, "main", lambda argv: 0)
     record = tmp_path / "results" / "07_paper_claims" / "quick.json"
 
     def writes_with_an_earlier_mtime(nb, out, parameters, results_dir, **_):
