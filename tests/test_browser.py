@@ -38,6 +38,12 @@ def jupyterlab(tmp_path_factory):
     news = settings / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True)
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    # the lab serves the committed notebooks: without this, a run that stays dirty past the autosave
+    # interval (a slow or failing one) writes its outputs into notebooks/00_explore.ipynb
+    docmanager = settings / "@jupyterlab" / "docmanager-extension"
+    docmanager.mkdir(parents=True)
+    (docmanager / "plugin.jupyterlab-settings").write_text('{"autosave": false}')
+    committed = {nb: nb.read_bytes() for nb in (ROOT / "notebooks").glob("*.ipynb")}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                JUPYTER_RUNTIME_DIR=str(tmp_path_factory.mktemp("runtime")), JUPYTERLAB_SETTINGS_DIR=str(settings),
                KNORM_RESULTS_DIR=str(tmp_path_factory.mktemp("results")))  # the committed results stay untouched
@@ -62,6 +68,7 @@ def jupyterlab(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    assert {nb: nb.read_bytes() for nb in committed} == committed, "the browser session changed a committed notebook"
 
 
 # In-page instrumentation: each key press on the slider records its time, and a mutation
