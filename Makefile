@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNEL := knorm-study
 PROFILE ?= full
 
-.PHONY: setup data browser test report lab bench compare clean-results
+.PHONY: setup data browser test report check-results lab bench compare clean-results
 
 setup: $(STAMP)
 
@@ -34,10 +34,17 @@ test: data browser
 
 # Any model, device and dtype: make report MODEL=<hub id or local path> DEVICE=cuda DTYPE=bfloat16 PROFILE=paper
 # (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU paper run;
-# LEDGER=1 runs only what the claims ledger reads: 02, 04 and 07 with the variants its rows use).
+# LEDGER=1 runs only what the claims ledger reads: 02, 04 and 07 with the variants its rows use;
+# FORCE=1 reruns every notebook, unchanged or not).
 report: data
 	$(PY) scripts/run_report.py --profile $(PROFILE) $(if $(MODEL),--model "$(MODEL)") \
-	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes) $(if $(LEDGER),--ledger)
+	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes) $(if $(LEDGER),--ledger) \
+	  $(if $(FORCE),--force)
+
+# Is every committed record still what today's code computes? (its behavioural identity; exit 1 naming
+# each stale record and the probe that moved)
+check-results: data
+	$(PY) scripts/check_results.py
 
 lab: data
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1,10 +1,11 @@
 """knorm_lib: KnormPress (keep the keys with the lowest L2 norm) and its measurement, exactly.
 
-Readable top to bottom: 1 input checks, 2 loading and the attention function, 3 data, 4 policies
+Readable top to bottom: 1 input checks, 2 the attention function and the models it supports, 3 data, 4 policies
 (higher score = keep; ``register_policy``), 5 compression (``keep_indices`` holds the tie rule),
 6 metrics, 7 prefill evaluation (``prefill_ppl``, ``sweep``), 8 streaming evaluation
 (``streaming_ppl``, ``streaming_sweep``). The study machinery lives in ``knorm_study``, which
-imports this module and never the reverse.
+imports this module (``load_model`` and section 3's names are knorm_study.models' and .texts',
+re-exported).
 
 How to choose ``position_mode`` (the write-up's pitfall lives here):
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import math
 import numbers
 import os
@@ -40,8 +40,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "load_model", "check_supported", "recording_attention", "grouped_decoding",
-    "Document", "TokenizedDoc", "CORPORA", "load_corpus", "verified_corpus_path", "file_sha256", "encode",
-    "long_documents",
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
     "resolve_policy", "check_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
@@ -150,7 +148,7 @@ def _check_context_len(context_len: int, n_tokens: int) -> None:
                          f"tokens - 1 = {n_tokens - 1} (at least two tokens must follow the context)")
 
 
-# ---- 2. Loading and the attention function --------------------------------------------------------
+# ---- 2. The attention function and the models it supports (loading: knorm_study/models.py) ----------
 
 # The one-pass streaming engine's per-layer visibility, ``mask_fn(layer_idx, query, key, scale)`` with
 # the layer's RoPE-rotated tensors: the step each key is evicted at per KV head, ``(H_kv, n)``
@@ -247,14 +245,15 @@ def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          scaling: float | None) -> torch.Tensor:
     """Attention of ``n`` queries over their own ``n`` keys, key ``j`` visible to query ``t`` iff ``j <= t <= evict[h, j]``;
     ``(1, n, H_q, D)``. On CPU a block of queries at a time over the keys up to the block's end only (5/8 of the
-    work at 2,048 tokens, the same bits; a last block of one query may differ in float32's last bits on some CPUs)."""
+    work at 2,048 tokens, the same bits); a last block of one query joins the one before (alone, SDPA takes
+    another path for it, whose float32 rounding differs on some CPUs)."""
     n_kv_heads, n = evict.shape
     groups, d = query.shape[1] // n_kv_heads, query.shape[-1]
     block = _CPU_KEY_BLOCK if query.device.type == "cpu" else n
     evict = evict.to(query.device)
+    starts = [s for s in range(0, n, block) if s == 0 or n - s > 1]
     outs = []
-    for start in range(0, n, block):
-        stop = min(start + block, n)
+    for start, stop in zip(starts, starts[1:] + [n]):
         mask = streaming_mask(evict[:, :stop], query.dtype, rows=(start, stop))   # (H_kv, rows, stop)
         # each KV head's query group is one batch row: the mask is never repeated per query head
         q = query[0, :, start:stop].reshape(n_kv_heads, groups, stop - start, d)
@@ -292,26 +291,6 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hugging Face ids look like "org/name"; so may "dir/name" when "dir" is a local directory
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-            or ("/" in name and Path(name.split("/")[0]).is_dir()))
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """False when offline (``HF_HUB_OFFLINE``) or the hub does not answer within ``timeout_s``, so a
-    missing model fails at once, not after the hub client's minute of retries."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def _check_config(cfg: Any, arch: str) -> None:
     """The attention features ``check_supported`` refuses, read from the config (before any weights load)."""
     layer_types = getattr(cfg, "layer_types", None) or ()
@@ -345,59 +324,6 @@ def check_supported(model: Any) -> None:
     _check_config(cfg, arch)
 
 
-def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
-               dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` in eval mode with this module's attention function: the embedded
-    SmolLM2-135M-Instruct (``name=None``, cached by ``make data``), a Hugging Face id or a local
-    directory. Safetensors only, ``trust_remote_code`` off; ``device="auto"``: accelerate's
-    ``device_map="auto"`` for a model larger than one GPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    _check_device(device)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    _register_attention()
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try 'float32' or 'bfloat16')")
-        dtype = getattr(torch, dtype)
-    if name is None:
-        source = str(DEFAULT_MODEL_DIR)
-        if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
-            raise FileNotFoundError(f"load_model(name=None): the embedded model is not at {DEFAULT_MODEL_DIR}; "
-                                    "run `make data` first")
-    else:
-        source = str(Path(name).expanduser()) if _looks_like_path(str(name)) else str(name)
-        if _looks_like_path(str(name)) and not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"load_model(name={str(name)!r}): no model directory with a config.json there")
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
-                                  trust_remote_code=False, use_safetensors=True)
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    def load(local_only: bool) -> tuple[Any, Any]:
-        cfg = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
-        _check_config(cfg, (getattr(cfg, "architectures", None) or [cfg.model_type])[0])
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
-        return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs), tok
-
-    try:
-        model, tokenizer = load(local_only=True)   # a local directory or the Hugging Face cache
-    except OSError as err:
-        if name is None or _looks_like_path(str(name)) or not _hub_reachable():
-            raise FileNotFoundError(f"load_model(name={str(name)!r}): not a local model directory and not in the "
-                                    f"Hugging Face cache, and the hub is not reachable ({err})") from err
-        try:
-            model, tokenizer = load(local_only=False)
-        except OSError as err2:
-            raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it from the hub ({err2})") from err2
-    check_supported(model)
-    if device != "auto":
-        model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
 def _layers(model: Any) -> Sequence[torch.nn.Module]:
     return model.model.layers
 
@@ -411,109 +337,17 @@ def _head_dim(model: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-# ---- 3. Data --------------------------------------------------------------------------------------
+# ---- 3. Data: knorm_study/texts.py (corpora, documents, token sequences), its names re-exported ----
 
-@dataclass(frozen=True)
-class Document:
-    title: str
-    text: str
-    n_tokens: int | None = None
+def __getattr__(name: str) -> Any:
+    """The names knorm_study's ``texts`` and ``models`` define (the notebooks call ``kl.load_model``,
+    ``kl.long_documents``), imported on first use: those modules import this one."""
+    from knorm_study import models, texts
 
-
-CORPORA: tuple[str, ...] = ("wiki", "news")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_VERIFIED_CORPORA: set[Path] = set()   # checked against the manifest once per process
-
-
-def verified_corpus_path(name: str) -> Path:
-    """``data/corpora/<name>.jsonl``, its sha256 checked against ``data/manifest.json`` once per process."""
-    if name not in CORPORA:
-        raise ValueError(f"corpus={name!r}: choose one of {CORPORA}")
-    path = CORPUS_DIR / f"{name}.jsonl"
-    manifest = DATA_DIR / "manifest.json"
-    if not path.exists() or not manifest.exists():
-        raise FileNotFoundError(f"corpus={name!r}: {path if not path.exists() else manifest} is missing; "
-                                "run `make data` first")
-    if path not in _VERIFIED_CORPORA:
-        expected = json.loads(manifest.read_text(encoding="utf-8")).get("corpora", {}).get(name, {}).get("sha256")
-        got = file_sha256(path)
-        if got != expected:
-            raise ValueError(f"corpus={name!r}: {path} has sha256 {got}, but {manifest} records {expected}: "
-                             "the file is damaged or changed; run `make data` to rebuild it")
-        _VERIFIED_CORPORA.add(path)
-    return path
-
-
-def load_corpus(name: Literal["wiki", "news"] = "wiki") -> list[Document]:
-    """Documents of a corpus written by ``make data`` (``data/corpora/<name>.jsonl``), verified."""
-    path = verified_corpus_path(name)
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"corpus={name!r}: {path}:{line_no} is not valid JSON ({err})") from err
-    return [Document(r["title"], r["text"], r.get("n_tokens")) for r in rows]
-
-
-def encode(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of ``text`` as a ``(1, n)`` LongTensor (no special tokens added), cut to ``max_tokens``."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text: empty text has no tokens to evaluate")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return ids[:, :max_tokens] if max_tokens is not None else ids
-
-
-@dataclass(frozen=True)
-class TokenizedDoc:
-    title: str
-    input_ids: torch.Tensor   # (1, n_tokens)
-
-
-def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: int, n_docs: int) -> list[TokenizedDoc]:
-    """``n_docs`` token sequences of exactly ``n_tokens``, deterministic: ``wiki``, the longest articles
-    (cut); ``news`` (about 250 tokens each), consecutive articles joined by blank lines."""
-    if not isinstance(n_tokens, int) or n_tokens < 2:
-        raise ValueError(f"n_tokens={n_tokens!r}: must be an int >= 2")
-    if not isinstance(n_docs, int) or n_docs < 1:
-        raise ValueError(f"n_docs={n_docs!r}: must be an int >= 1")
-    docs = load_corpus(corpus)
-    out: list[TokenizedDoc] = []
-    if corpus == "wiki":
-        for doc in sorted(docs, key=lambda d: (-(d.n_tokens or 0), d.title))[:n_docs]:
-            ids = encode(tokenizer, doc.text, n_tokens)
-            if ids.shape[1] == n_tokens:
-                out.append(TokenizedDoc(doc.title, ids))
-    else:
-        parts: list[str] = []
-        first = 0
-        for i, doc in enumerate(docs):
-            parts.append(doc.text)
-            ids = encode(tokenizer, "\n\n".join(parts))
-            if ids.shape[1] >= n_tokens:
-                title = doc.title if first == i else f"{docs[first].title}..{doc.title}"
-                out.append(TokenizedDoc(title, ids[:, :n_tokens]))
-                parts, first = [], i + 1
-                if len(out) == n_docs:
-                    break
-    if len(out) < n_docs:
-        raise ValueError(f"n_docs={n_docs}: corpus {corpus!r} has only {len(out)} documents of {n_tokens} tokens")
-    return out
+    for module in (texts, models):
+        if name in module.EXPORTED:
+            return getattr(module, name)
+    raise AttributeError(f"module 'knorm_lib' has no attribute {name!r}")
 
 
 # ---- 4. Scores and policies (higher score = keep) -------------------------------------------------

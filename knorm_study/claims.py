@@ -278,10 +278,10 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
     # for ("passkey.reference.skip (0, 1)", ...) instead of being a row of its own
     order = [k for k in order if not any(o.startswith(k + ".") for o in order)]
     for c in cells:
-        for k in order:
-            placeholder = next((p for p in c if k.startswith(p + ".") and c[p]["verdict"] == "not measured"), None)
-            if k not in c and placeholder:
-                c[k] = c[placeholder]
+        for k in [k for k in order if k not in c]:
+            stand_in = next((p for p in c if k.startswith(p + ".") and c[p]["verdict"] == "not measured"), None)
+            if stand_in:
+                c[k] = c[stand_in]
     measured = lambda k: [c[k] for c in cells if k in c and c[k]["verdict"] != "not measured"]
     first = lambda k: (measured(k) or [c[k] for c in cells if k in c])[0]
     header = ["claim", "protocol", *(column_label(r) for r in records)]
@@ -302,11 +302,14 @@ def across_models(records: Sequence[dict[str, Any]]) -> str:
 
 def other_ledgers(record: dict[str, Any], results_dir: Any = None) -> list[dict[str, Any]]:
     """Every other 07 record under ``results_dir`` (default ``runtime.RESULTS_DIR``) whose verdicts
-    were computed by this module's rules (its ``code_sha256`` recorded): the embedded model's other
-    profiles and every other model's (``<notebook>/<slug>/<profile>.json``)."""
+    were computed by this module's rules (this module's probes in its behavioural identity are
+    today's, ``fingerprint``): the embedded model's other profiles and every other model's
+    (``<notebook>/<slug>/<profile>.json``)."""
     from pathlib import Path
 
-    rules = runtime.code_sha256(Path(__file__))
+    from knorm_study import fingerprint
+
+    rules = fingerprint.module_probes("claims")
     base = Path(results_dir or runtime.RESULTS_DIR) / "07_paper_claims"
     out = []
     for path in sorted([*base.glob("*.json"), *base.glob("*/*.json")]):
@@ -314,6 +317,6 @@ def other_ledgers(record: dict[str, Any], results_dir: Any = None) -> list[dict[
         identity = rec.get("identity", {})
         same = (identity.get("model_slug") == record.get("identity", {}).get("model_slug")
                 and rec.get("profile") == record.get("profile"))
-        if not same and identity.get("library_code_sha256", {}).get("knorm_study/claims.py") == rules:
+        if not same and not fingerprint.probes_moved(identity.get("behaviour"), rules):
             out.append(rec)
     return out

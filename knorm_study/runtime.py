@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -180,14 +179,6 @@ def code_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
-def library_hashes() -> dict[str, str]:
-    """``code_sha256`` of knorm_lib.py and of every knorm_study module this process imported: the
-    code a recorded result was computed with."""
-    files = [Path(m.__file__) for name, m in sorted(sys.modules.items())
-             if (name == "knorm_lib" or name.startswith("knorm_study.")) and getattr(m, "__file__", None)]
-    return {str(f.relative_to(kl.PROJECT_ROOT)): code_sha256(f) for f in files}
-
-
 def model_slug(model: Any | None) -> str | None:
     """The folder a model's results and figures go under: ``None`` for the embedded default model
     in float32 on a CPU (its results keep the committed paths) and when no model is given;
@@ -232,10 +223,13 @@ def results_path(notebook: str, profile: str, slug: str | None = None) -> Path:
 def record_results(notebook: str, profile: str, parameters: dict[str, Any], results: dict[str, Any],
                    model: Any | None = None) -> Path:
     """Write ``results_path(notebook, profile, model_slug(model))`` atomically, with what produced
-    it, then publish the figures this process saved for the notebook (under the model's slug too,
+    it (its ``identity``: the behavioural fingerprint of the code it ran, ``fingerprint.of_unit``,
+    the corpora and the model), then publish the figures this process saved for the notebook (under the model's slug too,
     for any model but the embedded one): a run that fails before recording its results leaves no
     figure behind."""
-    identity: dict[str, Any] = {"library_code_sha256": library_hashes(),
+    from knorm_study import fingerprint
+
+    identity: dict[str, Any] = {"behaviour": fingerprint.of_unit(notebook),
                                 "corpora_sha256": {p.stem: kl.file_sha256(p) for p in sorted(kl._VERIFIED_CORPORA)}}
     if model is not None:
         identity.update(model_name=getattr(model, "name_or_path", None), dtype=str(model.dtype), device=str(model.device),

@@ -1,12 +1,14 @@
 """`make report`: run every study notebook headless with papermill, resumably, on any model.
 
-For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, knorm_lib.py,
-the knorm_study modules it imports, the notebook runner, data/manifest.json, the corpora's bytes,
-requirements.txt, the profile and the model, device and dtype; Python files by their code, as
-``runtime.code_sha256`` reads it, so a docstring or comment edit reruns nothing) hash the same as at
-its last successful run and its results file records the profile's default parameters. That run's
-stamp is committed beside the results (``data/stamps/``), so a fresh clone reruns only what an edit
-changed, not the whole profile; otherwise execute
+For each ``notebooks/NN_*.ipynb`` in order: skip it when its inputs (the notebook, the notebook
+runner by its code, data/manifest.json, the corpora's bytes, requirements.txt, the profile and the
+model, device and dtype) hash the same as at its last successful run, its results file records the
+profile's default parameters, and the library code still computes what that record's behavioural
+identity holds (``knorm_study.fingerprint``: the probes of knorm_lib and of every knorm_study
+module it imports, within their tolerance; a refactor reruns nothing, a change to what the code
+computes reruns the notebooks whose probes moved). That run's stamp is committed beside the
+results (``data/stamps/``), so a fresh clone reruns only what an edit changed, not the whole
+profile; ``--force`` (``make report FORCE=1``) reruns everything; otherwise execute
 it in the project's kernel (``notebook_runner``: a per-cell timeout, one retry for a timeout,
 papermill's cell progress on screen), with the executed copy written to
 ``build/notebooks/[<slug>/]<profile>/``. This is the only writer of the committed ``data/results/``
@@ -35,7 +37,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -47,8 +48,8 @@ from knorm_study import runtime  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
-HASHED_INPUTS = ("knorm_lib.py", "knorm_study/__init__.py", "knorm_study/runtime.py", "scripts/notebook_runner.py",
-                 "data/manifest.json", "requirements.txt")
+# the library code (knorm_lib.py, knorm_study/) is not hashed: the records' behavioural identity covers it
+HASHED_INPUTS = ("scripts/notebook_runner.py", "data/manifest.json", "requirements.txt")
 # the committed results (KNORM_RESULTS_DIR elsewhere: what the tests use)
 RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results")).resolve()
 # `--ledger`: only the notebooks and variants the claims ledger (07) reads, so a paper-scale ledger
@@ -58,7 +59,6 @@ LEDGER_PARAMETERS: dict[str, dict[str, Any]] = {
     "04": dict(policies=["knorm", "random", "high_norm"], streaming_policies=["knorm"], knorm_all_layers=False,
                keep_ratios=[1.0, 0.5], schedule_keep_ratios=[0.5], recent_window=0),
     "07": {}}
-_STUDY_IMPORT = re.compile(r"from\s+knorm_study\s+import[ \t]+([\w \t,]+)|knorm_study\.(\w+)|from\s+knorm_study\.(\w+)\s+import")
 
 
 def _shown(path: Path) -> str:
@@ -66,34 +66,21 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
-def study_modules(source: str) -> set[str]:
-    """The knorm_study modules ``source`` imports, and those they import in turn."""
-    found: set[str] = set()
-    todo = [source]
-    while todo:
-        for names, dotted, from_dotted in _STUDY_IMPORT.findall(todo.pop()):
-            for name in [n.strip() for n in names.split(",") if n.strip()] + [dotted, from_dotted]:
-                path = ROOT / "knorm_study" / f"{name}.py"
-                if name and name not in found and path.exists():
-                    found.add(name)
-                    todo.append(path.read_text(encoding="utf-8"))
-    return found
-
-
 def notebook_inputs(notebook: Path, profile: str, slug: str | None = None) -> list[Path]:
-    """What a notebook's results depend on: itself, the core and the runner, the study modules it
-    imports (so a change to the speed probes reruns 06 only), the data manifest and the pins; for
-    the claims ledger also the recorded results it reads (so it reruns after any of them)."""
+    """What a notebook's results depend on besides the library code: itself, the runner, the data
+    manifest and the pins; for the claims ledger also the recorded results it reads (so it reruns
+    after any of them)."""
     import nbformat
 
+    from knorm_study import fingerprint
+
     code = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
-    modules = sorted(study_modules(code) - {"runtime"})
     read = []
-    if "claims" in modules:
+    if "claims" in fingerprint.study_modules(code):
         from knorm_study import claims
 
         read = [RESULTS / nb / (slug or "") / f"{profile}.json" for nb in claims.SOURCES.values()]
-    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *(ROOT / "knorm_study" / f"{m}.py" for m in modules), *read]
+    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *read]
 
 
 def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None = None, slug: str | None = None) -> str:
@@ -298,8 +285,11 @@ def model_slug(args: argparse.Namespace) -> str | None:
     return runtime.model_slug(stand_in)
 
 
-def write_html(executed_dir: Path, html_dir: Path) -> None:
-    """An HTML page per executed notebook (code folded away) and an index linking them."""
+def write_html(executed_dir: Path, html_dir: Path, skipped: list[str] | None = None) -> None:
+    """An HTML page per executed notebook there is (code folded away; from this run or an earlier
+    one) and an index linking them that names the notebooks this run ``skipped`` as unchanged."""
+    import html
+
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -311,8 +301,11 @@ def write_html(executed_dir: Path, html_dir: Path) -> None:
         target = html_dir / f"{nb_path.stem}.html"
         runtime.write_text_atomic(target, body)
         links.append(f'<li><a href="{target.name}">{nb_path.stem}</a></li>')
-    (html_dir / "index.html").write_text("<html><body><h1>knorm-study: executed notebooks</h1><ul>"
-                                         + "".join(links) + "</ul></body></html>\n", encoding="utf-8")
+    note = (f"<p>Skipped as unchanged in this run (their committed results stand; <code>make report FORCE=1</code> "
+            f"reruns them): {html.escape(', '.join(skipped))}</p>" if skipped else "")
+    listing = f"<ul>{''.join(links)}</ul>" if links else "<p>No executed notebook here yet.</p>"
+    runtime.write_text_atomic(html_dir / "index.html", "<html><body><h1>knorm-study: executed notebooks</h1>"
+                              + listing + note + "</body></html>\n")
 
 
 def confirm_estimate(args: argparse.Namespace, notebooks: list[Path],
@@ -434,11 +427,20 @@ def results_file(notebook: Path, profile: str, slug: str | None) -> Path:
 
 
 def up_to_date(args: argparse.Namespace, notebook: Path, digest: str, slug: str | None, stamps: Path) -> bool:
-    """Its stamp records ``digest`` (the hash its inputs have now: ``input_hash``) and its results
-    the profile's defaults (never with ``--force``)."""
+    """Its stamp records ``digest`` (the hash its inputs have now: ``input_hash``), its results the
+    profile's defaults, and today's code computes its results' behavioural identity (never with
+    ``--force``). A record whose probes moved is named with them."""
+    from knorm_study import fingerprint
+
     stamp, results = stamps / f"{notebook.stem}.json", results_file(notebook, args.profile, slug)
-    return not args.force and stamp.exists() and recorded_defaults(results, args.profile) \
-        and json.loads(stamp.read_text())["hash"] == digest
+    if args.force or not stamp.exists() or not recorded_defaults(results, args.profile) \
+            or json.loads(stamp.read_text())["hash"] != digest:
+        return False
+    moved = fingerprint.record_moved(results)
+    if moved:
+        print(f"{notebook.stem} ({args.profile}): the code no longer computes its record's numbers: "
+              f"{fingerprint.describe(moved)}", flush=True)
+    return not moved
 
 
 def _result_files(notebook: Path, slug: str | None) -> dict[Path, tuple[int, int, int]]:
@@ -549,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = run_sequentially(args, notebooks, pending, slug, out_dir, stamps, estimated, rate)
     if args.no_summary:
         return 1 if failures else 0
-    write_html(out_dir, BUILD / "html" / (slug or "") / args.profile)
+    write_html(out_dir, BUILD / "html" / (slug or "") / args.profile, [nb.stem for nb in notebooks if nb not in pending])
     print(f"report ({args.profile}): {len(notebooks) - len(failures)}/{len(notebooks)} notebooks ok "
           f"in {time.time() - t_start:.0f} s; HTML: {_shown(BUILD / 'html' / (slug or '') / args.profile)}"
           "/index.html", flush=True)

@@ -109,7 +109,9 @@ def corpus_copy(tmp_path, monkeypatch):
     shutil.copy(kl.DATA_DIR / "manifest.json", tmp_path / "manifest.json")
     monkeypatch.setattr(kl, "DATA_DIR", tmp_path)
     monkeypatch.setattr(kl, "CORPUS_DIR", tmp_path / "corpora")
-    monkeypatch.setattr(kl, "_VERIFIED_CORPORA", set())
+    from knorm_study import texts
+
+    monkeypatch.setattr(texts, "_VERIFIED_CORPORA", set())
     return tmp_path / "corpora"
 
 

@@ -112,12 +112,11 @@ def test_headline_counts_the_verdicts():
 
 
 def _record(slug, profile, rows, rules=None):
-    from knorm_study import runtime
+    from knorm_study import fingerprint
 
-    rules = rules or runtime.code_sha256(ROOT / "knorm_study" / "claims.py")
+    rules = rules or fingerprint.compute(fingerprint.module_probes("claims"))
     return {"profile": profile, "identity": {"model_slug": slug, "model_name": slug and f"org/{slug}",
-                                             "dtype": "torch.float32",
-                                             "library_code_sha256": {"knorm_study/claims.py": rules}},
+                                             "dtype": "torch.float32", "behaviour": rules},
             "results": {"ledger": rows}}
 
 
@@ -138,7 +137,7 @@ def test_the_ledger_across_models_shows_each_claim_once_with_a_column_each(tmp_p
     assert len({r["key"] for r in small}) == len(small)   # every row has its own key
     # other_ledgers: every 07 record but the one asked about
     for slug, profile, rows, rules in ((None, "full", small, None), ("big", "paper", big, None),
-                                       ("old", "full", big, "other rules")):
+                                       ("old", "full", big, {"claims.other": {"rule": 1}})):
         path = tmp_path / "07_paper_claims" / (slug or "") / f"{profile}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_record(slug, profile, rows, rules)))

@@ -1,0 +1,88 @@
+"""Loading a model for the study: the embedded SmolLM2-135M-Instruct, a Hugging Face id or a local
+directory, with knorm_lib's attention function, refused at load time when knorm_lib cannot evaluate
+it exactly (``kl.check_supported``). knorm_lib re-exports ``load_model`` (``kl.load_model``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import knorm_lib as kl
+
+EXPORTED = ("load_model", "_looks_like_path", "_hub_reachable")
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hugging Face ids look like "org/name"; so may "dir/name" when "dir" is a local directory
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False when offline (``HF_HUB_OFFLINE``) or the hub does not answer within ``timeout_s``, so a
+    missing model fails at once, not after the hub client's minute of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def load_model(name: str | os.PathLike | None = None, device: str = "cpu",
+               dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in eval mode with knorm_lib's attention function: the embedded
+    SmolLM2-135M-Instruct (``name=None``, cached by ``make data``), a Hugging Face id or a local
+    directory. Safetensors only, ``trust_remote_code`` off; ``device="auto"``: accelerate's
+    ``device_map="auto"`` for a model larger than one GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kl._check_device(device)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    kl._register_attention()
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try 'float32' or 'bfloat16')")
+        dtype = getattr(torch, dtype)
+    if name is None:
+        source = str(kl.DEFAULT_MODEL_DIR)
+        if not (kl.DEFAULT_MODEL_DIR / "model.safetensors").exists():
+            raise FileNotFoundError(f"load_model(name=None): the embedded model is not at {kl.DEFAULT_MODEL_DIR}; "
+                                    "run `make data` first")
+    else:
+        source = str(Path(name).expanduser()) if _looks_like_path(str(name)) else str(name)
+        if _looks_like_path(str(name)) and not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): no model directory with a config.json there")
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=kl.ATTN_IMPLEMENTATION,
+                                  trust_remote_code=False, use_safetensors=True)
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    def load(local_only: bool) -> tuple[Any, Any]:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
+        kl._check_config(cfg, (getattr(cfg, "architectures", None) or [cfg.model_type])[0])
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs), tok
+
+    try:
+        model, tokenizer = load(local_only=True)   # a local directory or the Hugging Face cache
+    except OSError as err:
+        if name is None or _looks_like_path(str(name)) or not _hub_reachable():
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): not a local model directory and not in the "
+                                    f"Hugging Face cache, and the hub is not reachable ({err})") from err
+        try:
+            model, tokenizer = load(local_only=False)
+        except OSError as err2:
+            raise FileNotFoundError(f"load_model(name={str(name)!r}): cannot load it from the hub ({err2})") from err2
+    kl.check_supported(model)
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,75 @@
+"""What the probes run on: tiny float64 models with weights drawn from a seeded generator (uniform,
+so the same bits on every host: no Box-Muller, no vectorised transcendental), token ids, and the
+embedded tokenizer."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+import knorm_lib as kl
+
+VOCAB = 256
+
+
+def _fill_weights(model: Any, seed: int, scale: float) -> Any:
+    """Every parameter from one seeded uniform stream, in name order: matrices in
+    ``[-scale, scale)``, norm gains in ``[0.5, 1.5)``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            u = torch.rand(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_((0.5 + u) if p.dim() == 1 and "norm" in name else (2 * u - 1) * scale)
+    return model
+
+
+@functools.cache
+def tiny_llama(seed: int = 0, n_layers: int = 4, scale: float = 0.2) -> Any:
+    """A float64 Llama (``n_layers`` layers, 4 query heads, 2 KV heads, head_dim 16, vocabulary
+    256) with knorm_lib's attention; attention far from uniform, so position effects show.
+    Shared between probes: never modify it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kl._register_attention()
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      rope_theta=10_000.0, tie_word_embeddings=False)
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype=torch.float64)
+    return _fill_weights(model, seed, scale).eval()
+
+
+def ids(n: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    """``(1, n)`` token ids from a seeded generator."""
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def tokenizer() -> Any:
+    """The embedded model's tokenizer (``make data``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(kl.DEFAULT_MODEL_DIR)
+
+
+def rounded(t: torch.Tensor | float, digits: int = 12) -> Any:
+    """A tensor or float as plain numbers (lists for tensors)."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().double().tolist() if t.is_floating_point() else t.detach().cpu().tolist()
+    return float(t)
+
+
+@functools.cache
+def tiny_llama_favouring(favour: tuple[int, ...], seed: int = 0, others: float = 0.01) -> Any:
+    """``tiny_llama(seed)``'s weights (a separate copy) with every output row outside the ids in
+    ``favour`` scaled by ``others``, so greedy decoding favours ``favour`` (digits: a passkey answer
+    then comes out right at some digits and wrong at others). Shared between probes: never modify it."""
+    model = tiny_llama.__wrapped__(seed)
+    with torch.no_grad():
+        keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        keep[list(favour)] = True
+        model.lm_head.weight[~keep] *= others
+    return model

@@ -1,0 +1,108 @@
+"""Mutations of knorm_study/quality.py, passkey.py and decode.py for the mutation test
+(tests/study/test_fingerprint.py): one-line and behaviour-changing, each caught by its module's
+probes (knorm_study/probes/quality.py, passkey.py, decode.py); and local-variable renames in the
+same modules, which must move no probe."""
+
+from __future__ import annotations
+
+from fingerprint_mutations import Edit, M, Refactor
+
+MUTATIONS = [
+    # quality
+    M("knorm_study/quality.py", "if ratio > 1 + tol:", "if ratio >= 1 + tol:",
+      "quality: a PPL ratio exactly on the tolerance line fails the threshold"),
+    M("knorm_study/quality.py", 'row[f"within_{tol:g}"] = None if smallest == 1.0 else smallest',
+      'row[f"within_{tol:g}"] = smallest', "quality: threshold 1.0 reported instead of none"),
+    M("knorm_study/quality.py", "TOLERANCES: tuple[float, ...] = (0.01, 0.05)",
+      "TOLERANCES: tuple[float, ...] = (0.01, 0.1)", "quality: thresholds at 10 % instead of 5 %"),
+    M("knorm_study/quality.py", 'out.insert(1, ("knorm (all layers)", "knorm", ()))',
+      'out.insert(1, ("knorm (all layers)", "knorm", (0,)))', "quality: the all-layers knorm line skips layer 0"),
+    M("knorm_study/quality.py", "sorted(keep_ratios)[len(keep_ratios) // 2]",
+      "sorted(keep_ratios)[len(keep_ratios) // 2 - 1]", "quality: middle keep_ratio off by one (no 0.5 in the list)"),
+    M("knorm_study/quality.py", 'MATCHED_VARIANTS = ("knorm", "streaming", "h2o")',
+      'MATCHED_VARIANTS = ("knorm", "streaming")', "quality: h2o dropped from the matched-memory comparison"),
+    M("knorm_study/quality.py", '"ppl_ratio": math.exp(sum(by_doc.values()) / len(by_doc))',
+      '"ppl_ratio": sum(by_doc.values()) / len(by_doc)', "quality: matched-memory ratio left in log space"),
+    M("knorm_study/quality.py", 'kept_fraction=("mean_kept_fraction", "mean")',
+      'kept_fraction=("mean_kept_fraction", "max")', "quality: schedule line's kept fraction the max over documents"),
+    M("knorm_study/quality.py", '= math.log(x["ppl"])', '= x["ppl"]',
+      "quality: paired comparisons on PPL instead of log PPL"),
+    M("knorm_study/quality.py", 'if c["mean"] < 0 else', 'if c["mean"] > 0 else',
+      "quality: paired verdict's sign flipped"),
+    M("knorm_study/quality.py", "ranks = {proto: 1 + sorted(", "ranks = {proto: sorted(",
+      "quality: knorm's rank counted from 0"),
+    M("knorm_study/quality.py", "C + (n_cfg + 1) * T", "C + n_cfg * T",
+      "quality: shared forward tokens miss the full cache's continuation"),
+    M("knorm_study/quality.py", 'if row["vs_knorm_mean"] > 0 else', 'if row["vs_knorm_mean"] < 0 else',
+      "quality: schedule verdict's sign flipped"),
+    M("knorm_study/quality.py", 'ranked = sorted((x[k]["ppl"], policy) for policy, x in by_policy.items() if k in x)',
+      'ranked = sorted(((x[k]["ppl"], policy) for policy, x in by_policy.items() if k in x), reverse=True)',
+      "quality: streaming findings rank the highest PPL first"),
+    M("knorm_study/quality.py", '[*METRICS, "ppl_ratio"]', '[*METRICS]',
+      "quality: aggregates drop ppl_ratio"),
+    M("knorm_study/quality.py", "kl.EvalConfig(r, policy, s) for _, policy, s in variant_list",
+      "kl.EvalConfig(r, policy, tuple(skip_layers)) for _, policy, s in variant_list",
+      "quality: prefill sweep ignores each variant's skip_layers"),
+    # passkey
+    M("knorm_study/passkey.py", 'rng = random.Random(f"passkey:{seed}:{context_tokens}:{float(depth)!r}")',
+      'rng = random.Random(f"passkey:{seed}:{context_tokens}:{depth}")', "passkey: key seed string changed"),
+    M("knorm_study/passkey.py", "[i + 1 for i, t in enumerate(filler.tolist()) if t in period]",
+      "[i for i, t in enumerate(filler.tolist()) if t in period]", "passkey: key line inserted before the period"),
+    M("knorm_study/passkey.py", "ctx <= 2048", "ctx < 2048", "passkey: long_depths from 2048 tokens on"),
+    M("knorm_study/passkey.py", "m = span_metrics(r, p.key_start)", "m = span_metrics(r, p.key_start - 1)",
+      "passkey: the key's span starts one token early"),
+    M("knorm_study/passkey.py", 'n_key = m["n_tokens"] + (first is not None)', 'n_key = m["n_tokens"] + 1',
+      "passkey: question-agnostic digit accuracy counts one digit too many"),
+    M("knorm_study/passkey.py", '"correct": m["correct"] and first is not False,', '"correct": m["correct"],',
+      "passkey: reference protocol ignores the first digit's verdict"),
+    M("knorm_study/passkey.py", "CLAIM_MARGIN = 0.1 ", "CLAIM_MARGIN = 0.15 ", "passkey: claim margin 15 points"),
+    M("knorm_study/passkey.py", "return uncompressed >= RELIABLE", "return uncompressed > RELIABLE",
+      "passkey: 80 % uncompressed no longer reliable"),
+    M("knorm_study/passkey.py", 'else "holds" if lo >= line else', 'else "holds" if lo > line else',
+      "passkey: an interval starting on the line no longer holds"),
+    M("knorm_study/passkey.py", '"holds only partly" if kinds == {"holds", "fails"}',
+      '"holds only partly" if "holds" in kinds', "passkey: holds-and-not-resolved called partly"),
+    M("knorm_study/passkey.py", "n + n_cont * (1 + sum(", "n + n_cont * (sum(",
+      "passkey: sweep forward tokens miss the uncompressed continuation"),
+    M("knorm_study/passkey.py", "if sp['ratio'] >= 6 else", "if sp['ratio'] >= 8 else", "passkey: speed bar 8x"),
+    M("knorm_study/passkey.py", 'key=lambda x: -x["accuracy"]', 'key=lambda x: x["accuracy"]',
+      "passkey: findings' best policy is the worst"),
+    M("knorm_study/passkey.py", "tuple(skip_layers), pre=pre)", "(), pre=pre)",
+      "passkey: generation runs compress every layer"),
+    M("knorm_study/passkey.py", "r_show = min(keep_ratios)", "r_show = max(keep_ratios)",
+      "passkey: generation examples at the largest keep_ratio"),
+    M("knorm_study/passkey.py", "if _acc_row(acc, ctx, policy, r).accuracy < full - 1e-9:",
+      "if _acc_row(acc, ctx, policy, r).accuracy < full - 1e-9 and r > 0.25:",
+      "passkey: lowest ratio matching full ignores drops at 0.25 and below"),
+    M("knorm_study/passkey.py", "rng.randrange(10 ** (digits - 1), 10 ** digits)", "rng.randrange(10 ** digits)",
+      "passkey: keys may start with 0 (fewer digits)"),
+    # decode
+    M("knorm_study/decode.py", "        position += 1\n", "        position += 2\n",
+      "decode: generated tokens numbered two positions apart"),
+    M("knorm_study/decode.py", "for _ in range(max_new_tokens - 1):", "for _ in range(max_new_tokens - 2):",
+      "decode: one token too few generated"),
+    M("knorm_study/decode.py", "capture_hidden=policy in kl.KVPRESS_POLICIES)", "capture_hidden=False)",
+      "decode: own prefill without hidden states (kvpress policies)"),
+    M("knorm_study/decode.py", "position_ids=torch.tensor([[position]]", "position_ids=torch.tensor([[position + 1]]",
+      "decode: greedy_step feeds the token one position late"),
+    M("knorm_study/decode.py", "cache, position = kl._numbered(cache, model, position_mode)",
+      'cache, position = kl._numbered(cache, model, "absolute")', "decode: position_mode ignored"),
+    M("knorm_study/decode.py", "for k, v in zip(cache.keys, cache.values)]", "for k, v in zip(cache.keys, cache.keys)]",
+      "decode: in-place cache filled with the keys as values"),
+]
+
+REFACTORS = [
+    Refactor("quality: rename a local (generation_agreement's same -> equal)", (
+        Edit("knorm_study/quality.py", "    same = (generated[:n] == reference[:n])\n    mismatch = (~same).nonzero()",
+             "    equal = (generated[:n] == reference[:n])\n    mismatch = (~equal).nonzero()"),
+        Edit("knorm_study/quality.py", '"token_agreement": same.float().mean().item() if n else',
+             '"token_agreement": equal.float().mean().item() if n else'))),
+    Refactor("passkey: rename a local (span_metrics' sl -> span)", (
+        Edit("knorm_study/passkey.py", "    sl = slice(start - first, end - first)\n    correct = result.correct[sl]",
+             "    span = slice(start - first, end - first)\n    correct = result.correct[span]"),
+        Edit("knorm_study/passkey.py", '"nll": result.nll[sl].sum().item()', '"nll": result.nll[span].sum().item()'))),
+    Refactor("decode: rename a local (generate_greedy's out_tokens -> generated)", (
+        Edit("knorm_study/decode.py", "    out_tokens = [token]\n", "    generated = [token]\n"),
+        Edit("knorm_study/decode.py", "        out_tokens.append(token)\n", "        generated.append(token)\n"),
+        Edit("knorm_study/decode.py", "return torch.cat(out_tokens, dim=1)", "return torch.cat(generated, dim=1)"))),
+]
