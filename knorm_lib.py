@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "load_model", "check_supported", "recording_attention", "grouped_decoding",
-    "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "register_policy",
-    "resolve_policy", "check_policy",
+    "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "LAYER_INPUT_POLICIES",
+    "register_policy", "needs_layer_inputs", "has_qk_norm", "resolve_policy", "check_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "Reference", "token_metrics",
     "Prefill", "prefill", "continuation_logits", "full_logits", "reference_forward", "full_ppl",
@@ -452,6 +452,37 @@ def h2o_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
 DYNAMIC_POLICIES: tuple[str, ...] = ("h2o",)
 
 
+def _key_before_norm(kv: LayerKV) -> torch.Tensor | None:
+    """The layer's keys ``(B, H_kv, S, D)`` as ``k_proj`` gives them, before QK-norm's ``k_norm``
+    (and RoPE); ``None`` for a layer without ``k_norm``."""
+    if getattr(kv.module, "k_norm", None) is None:
+        return None
+    keys = kv.module.k_proj(kv.hidden_states)   # (B, S, H_kv * D): OLMo 2 normalises all heads at once
+    return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)
+
+
+@register_policy("knorm_prenorm")
+def knorm_prenorm_score(kv: LayerKV, opts: PolicyOptions) -> torch.Tensor:
+    """KnormPress on the key before QK-norm: keep the lowest norms of ``k_proj``'s output (QK-norm
+    rescales every cached key to one RMS before its gain, so the cached key's norm may have lost
+    the key's size). Without ``k_norm`` that is the cached key's norm (RoPE preserves norms), so it
+    ranks exactly as ``knorm``. Needs the layer's inputs (prefill; the one-pass engine)."""
+    if kv.module is None or kv.hidden_states is None:
+        raise ValueError("policy='knorm_prenorm' scores k_proj's output: it needs the layer's inputs "
+                         "(prefill(..., capture_hidden=True); streaming: engine='one_pass')")
+    before = _key_before_norm(kv)
+    return -_norms(kv.keys if before is None else before)
+
+
+# registered policies that score the layer's inputs, as the kvpress presses do
+LAYER_INPUT_POLICIES: tuple[str, ...] = ("knorm_prenorm",)
+
+
+def has_qk_norm(model: Any) -> bool:
+    """Its attention layers normalise keys before caching them (``k_norm``: Qwen 3, OLMo 2, Gemma 3)."""
+    return any(getattr(layer.self_attn, "k_norm", None) is not None for layer in _layers(model))
+
+
 KVPRESS_POLICIES: dict[str, str] = {"snapkv": "SnapKVPress", "tova": "TOVAPress",
                                     "expected_attention": "ExpectedAttentionPress"}
 
@@ -473,11 +504,17 @@ def _make_kvpress(name: str) -> Any:
     return getattr(kvpress, KVPRESS_POLICIES[name])()
 
 
+def needs_layer_inputs(policy: str | Any) -> bool:
+    """The policy scores the layer's inputs (kvpress presses, ``LAYER_INPUT_POLICIES``): its
+    prefill needs ``capture_hidden=True``."""
+    return not isinstance(policy, str) or policy in KVPRESS_POLICIES or policy in LAYER_INPUT_POLICIES
+
+
 def resolve_policy(policy: str | Any) -> tuple[str, ScoreFn, bool]:
     """``(name, score_fn, needs_hidden_states)`` for a policy name or a kvpress ``ScorerPress``."""
     if isinstance(policy, str):
         if policy in POLICIES:
-            return policy, POLICIES[policy], False
+            return policy, POLICIES[policy], policy in LAYER_INPUT_POLICIES
         if policy in KVPRESS_POLICIES:
             return policy, _press_score_fn(_make_kvpress(policy)), True
         raise ValueError(f"policy={policy!r}: unknown; choose one of "
@@ -939,12 +976,12 @@ def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequen
     _check_vocab(model, input_ids)
     for cfg in configs:
         cfg.validate(_n_layers(model))
-    needs_hidden = any(cfg.policy in KVPRESS_POLICIES for cfg in configs)
+    needs_hidden = any(needs_layer_inputs(cfg.policy) for cfg in configs)
     if pre is None:
         pre = prefill(model, input_ids[:, :context_len], capture_hidden=needs_hidden)
     elif pre.cache.seq_len != context_len or (needs_hidden and pre.layer_inputs is None):
         raise ValueError(f"pre: must be the prefill of the first context_len={context_len} tokens"
-                         + (" with capture_hidden=True (kvpress policies)" if needs_hidden else "")
+                         + (" with capture_hidden=True (policies scoring the layer's inputs)" if needs_hidden else "")
                          + f"; got one of {pre.cache.seq_len} tokens")
     new_ids, targets = input_ids[:, context_len:-1], input_ids[0, context_len + 1:].to(model.device)
     starts = {_first_compressed(c.skip_layers) for c in configs if c.position_mode == "absolute"}
@@ -1140,14 +1177,16 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
             evict = dynamic_eviction_steps(query, key, scale, budget)
         else:
             positions = torch.arange(n, device=key.device).expand(1, key.shape[1], n)
-            scores = score_fn(LayerKV(key, key, positions, layer_idx), opts)[0]
+            scores = score_fn(LayerKV(key, key, positions, layer_idx, **inputs.get(layer_idx, {})), opts)[0]
             evict = eviction_steps(scores, budget, cfg.recent_window)
         evictions[layer_idx] = evict
         return evict   # _attention masks with it (_streaming_attention)
 
     any_compressed = len(skip) < _n_layers(model)
     position_ids = _query_positions(budget, cfg.position_mode, any_compressed)[None].to(model.device)
-    with _using(_MASK_FN, mask_fn), _resumed(reference, skip, cfg.position_mode == "absolute"):
+    inputs: dict[int, dict] = {}   # each layer's inputs, for a policy that scores them
+    capture = _capture_layer_inputs(model, inputs) if needs_layer_inputs(cfg.policy) else contextlib.nullcontext()
+    with _using(_MASK_FN, mask_fn), _resumed(reference, skip, cfg.position_mode == "absolute"), capture:
         logits = model(input_ids=ids.to(model.device), position_ids=position_ids, use_cache=False).logits[0]
     return logits, evictions
 
@@ -1240,6 +1279,8 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
     if engine is None:
         engine = "one_pass" if position_mode != "rerotated" else "sequential"
     _check_choice("engine", engine, ("sequential", "one_pass"))
+    _require(engine == "one_pass" or policy not in LAYER_INPUT_POLICIES, "engine", engine,
+             f"'one_pass' with policy={policy!r} (it scores the layer's inputs, which the one-pass forward has)")
     if engine == "one_pass" and position_mode == "rerotated":
         raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
     return StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink,

@@ -87,7 +87,7 @@ def generate_greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, ke
     kl._positive_int("max_new_tokens", max_new_tokens)
     kl.EvalConfig(keep_ratio, policy, kl._check_layer_list("skip_layers", skip_layers), order,
                   position_mode).validate(kl._n_layers(model))
-    pre = pre or kl.prefill(model, input_ids, capture_hidden=policy in kl.KVPRESS_POLICIES)
+    pre = pre or kl.prefill(model, input_ids, capture_hidden=kl.needs_layer_inputs(policy))
     cache = kl.compress_cache(pre.cache, keep_ratio, policy, skip_layers, order, options, pre.layer_inputs)
     cache, position = kl._numbered(cache, model, position_mode)
     token = pre.last_logits.argmax(-1).view(1, 1)

@@ -428,7 +428,10 @@ class Controls:
 
     def __init__(self, explorer: Explorer, policy: str) -> None:
         self.explorer = explorer
-        self.policies = sorted(kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES)) + sorted(kl.KVPRESS_POLICIES)
+        # knorm_prenorm where the model has QK-norm (elsewhere it ranks exactly as knorm)
+        fixed = kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES) - set(() if kl.has_qk_norm(explorer.model)
+                                                                      else kl.LAYER_INPUT_POLICIES)
+        self.policies = sorted(fixed) + sorted(kl.KVPRESS_POLICIES)
         self.lock = threading.RLock()
         self.read_seconds: list[float] = []
         self.worker: GridWorker | None = None

@@ -63,6 +63,12 @@ def probe(module: str, rtol: float = RTOL) -> Callable[[Probe], Probe]:
     return register
 
 
+def tolerance(name: str) -> float:
+    """The relative tolerance of probe ``name``: ``RTOL``, or the one it registered."""
+    _load_probes()
+    return PROBE_RTOL.get(name, RTOL)
+
+
 def study_modules(source: str) -> set[str]:
     """The knorm_study modules ``source`` imports, and those they import in turn."""
     found: set[str] = set()
@@ -185,21 +191,23 @@ def probes_moved(recorded: dict[str, Any] | None, names: list[str]) -> dict[str,
     for name in names:
         if name not in recorded:
             out[name] = ["not in the record"]
-        elif diffs := _differences(recorded[name], now[name], PROBE_RTOL.get(name, RTOL)):
+        elif diffs := _differences(recorded[name], now[name], tolerance(name)):
             out[name] = diffs
     return out
 
 
 def moved(recorded: dict[str, Any] | None, unit: str) -> dict[str, list[str]]:
-    """``probes_moved`` for every probe of ``unit``, and any probe the record holds that is no
-    longer one of the unit's; empty when the record is valid."""
+    """``probes_moved`` for every probe the record holds; empty when the record is valid. A probe
+    the record holds that is no longer one of the unit's counts as moved (its evidence is gone);
+    a probe added since the record was made does not: it was written for code the record did not
+    run (a new policy), while the probes it holds vouch for the code it did."""
     if not recorded:
         return {"(no behavioural identity recorded)": ["run `make report`"]}
     if not is_unit(unit):   # an ad-hoc record: the probes it holds
         return probes_moved(recorded, sorted(recorded))
     names = unit_probes(unit)
     out = {name: ["no longer a probe of this unit"] for name in sorted(set(recorded) - set(names))}
-    return {**out, **probes_moved(recorded, names)}
+    return {**out, **probes_moved(recorded, sorted(set(recorded) & set(names)))}
 
 
 def module_probes(module: str) -> list[str]:
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             out[name] = json.loads(_computed(name))
         except Exception as err:   # a mutation may make a probe fail: that is a moved probe
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        if before is not None and _differences(before.get(name), out[name], PROBE_RTOL.get(name, RTOL)):
+        if before is not None and _differences(before.get(name), out[name], tolerance(name)):
             break
     print(json.dumps(out, sort_keys=True))
 

@@ -297,7 +297,7 @@ def reprefill_speed(model: Any, prompt: PasskeyPrompt, sweep_results: Sequence[k
     redone, reference = {}, None
     t0 = time.perf_counter()
     for r in [identity] + distinct[:-1]:
-        pre = kl.prefill(model, ctx_ids, capture_hidden=r.config.policy in kl.KVPRESS_POLICIES)
+        pre = kl.prefill(model, ctx_ids, capture_hidden=kl.needs_layer_inputs(r.config.policy))
         if reference is None:
             reference = kl.continuation_logits(model, pre.cache, new_ids, r.config.position_mode)
         redone[id(r)] = kl.evaluate(model, pre, new_ids, targets, r.config, reference)[0]
@@ -358,7 +358,7 @@ def protocol_rows(model: Any, tokenizer: Any, sample_list: Sequence[tuple[int, i
     for ctx, seed, depth in tqdm(sample_list, desc="passkey protocols", mininterval=10):
         p = sample_prompt(model, tokenizer, ctx, seed, depth)
         pre = kl.prefill(model, p.input_ids[:, :p.key_start],
-                         capture_hidden=any(c.policy in kl.KVPRESS_POLICIES for c in configs))
+                         capture_hidden=any(kl.needs_layer_inputs(c.policy) for c in configs))
         first_ok = int(pre.last_logits.argmax(-1)) == int(p.input_ids[0, p.key_start])
         runs = {"question-agnostic": (kl.sweep(model, p.input_ids, p.context_len, configs), p.key_start, None),
                 "reference": (kl.sweep(model, p.input_ids, p.key_start, configs, pre=pre), p.key_start + 1, first_ok)}
@@ -425,7 +425,7 @@ def generation_runs(model: Any, docs: Sequence[kl.TokenizedDoc], policies: Seque
     rows, texts = [], {}
     t0 = time.perf_counter()
     for doc in tqdm(docs, desc="generation prompts", mininterval=10):
-        pre = kl.prefill(model, doc.input_ids, capture_hidden=any(p in kl.KVPRESS_POLICIES for p in policies))
+        pre = kl.prefill(model, doc.input_ids, capture_hidden=any(kl.needs_layer_inputs(p) for p in policies))
         reference = texts[(doc.title, "full cache", 1.0)] = decode.generate_greedy(model, doc.input_ids, n_new, pre=pre)
         for pol in policies:
             for r in keep_ratios:

@@ -196,8 +196,9 @@ def _check_policies(policies: Sequence[str]) -> None:
     states, which the speed study does not keep (at 8k tokens they would outweigh the cache)."""
     for p in policies:
         kl.check_policy("policies", p, "prefill")
-        kl._require(p not in kl.KVPRESS_POLICIES, "policies", p,
-                    "a policy scored from the cache alone (kvpress presses need the prefill's hidden states)")
+        kl._require(not kl.needs_layer_inputs(p), "policies", p,
+                    "a policy scored from the cache alone (kvpress presses and knorm_prenorm need the prefill's "
+                    "hidden states)")
 
 
 @torch.inference_mode()

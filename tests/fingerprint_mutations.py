@@ -82,6 +82,10 @@ MUTATIONS: list[Mutation] = [
     M("knorm_study/texts.py", "key=lambda d: (-(d.n_tokens or 0), d.title)", "key=lambda d: ((d.n_tokens or 0), d.title)",
       "long_documents takes the shortest articles"),
     M("knorm_study/texts.py", 'add_special_tokens=False', 'add_special_tokens=True', "encode adds special tokens"),
+    M(L, "return -_norms(kv.keys if before is None else before)", "return -_norms(kv.keys)",
+      "knorm_prenorm scores the normalised key"),
+    M(L, "return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)",
+      "return keys.view(*keys.shape[:2], -1, kv.keys.shape[1]).transpose(1, 2)", "knorm_prenorm: heads and dims swapped"),
 ]
 
 _INTERVALS = (Path(__file__).resolve().parents[1] / "knorm_study" / "intervals.py").read_text()

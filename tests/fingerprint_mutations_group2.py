@@ -81,7 +81,7 @@ MUTATIONS = [
       "decode: generated tokens numbered two positions apart"),
     M("knorm_study/decode.py", "for _ in range(max_new_tokens - 1):", "for _ in range(max_new_tokens - 2):",
       "decode: one token too few generated"),
-    M("knorm_study/decode.py", "capture_hidden=policy in kl.KVPRESS_POLICIES)", "capture_hidden=False)",
+    M("knorm_study/decode.py", "capture_hidden=kl.needs_layer_inputs(policy))", "capture_hidden=False)",
       "decode: own prefill without hidden states (kvpress policies)"),
     M("knorm_study/decode.py", "position_ids=torch.tensor([[position]]", "position_ids=torch.tensor([[position + 1]]",
       "decode: greedy_step feeds the token one position late"),

@@ -59,8 +59,8 @@ MUTATIONS = [
       "Explorer.point: another random policy's seed"),
     M("knorm_study/explore.py", "point.kept[layer, kv_head].tolist()", "point.kept[layer, 0].tolist()",
       "Explorer.view: the kept positions of KV head 0 whatever the head"),
-    M("knorm_study/explore.py", "sorted(kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES)) + sorted(kl.KVPRESS_POLICIES)",
-      "sorted(kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES))", "Controls: the kvpress presses left out of the grid"),
+    M("knorm_study/explore.py", "self.policies = sorted(fixed) + sorted(kl.KVPRESS_POLICIES)",
+      "self.policies = sorted(fixed)", "Controls: the kvpress presses left out of the grid"),
     M("knorm_study/explore.py", "key=lambda d: -(d.n_tokens or 0))[0].text", "key=lambda d: (d.n_tokens or 0))[0].text",
       "default_text: the shortest wiki article"),
     # ---- speed ----

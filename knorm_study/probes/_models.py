@@ -73,3 +73,20 @@ def tiny_llama_favouring(favour: tuple[int, ...], seed: int = 0, others: float =
         keep[list(favour)] = True
         model.lm_head.weight[~keep] *= others
     return model
+
+
+@functools.cache
+def tiny_qwen3(seed: int = 0) -> Any:
+    """A float64 Qwen 3 (QK-norm; 3 layers, 4 query heads, 2 KV heads, head_dim 16, vocabulary 256),
+    weights as ``tiny_llama``'s, norm gains in [0.5, 1.5) so the normalised keys rank otherwise.
+    Shared between probes: never modify it."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    kl._register_attention()
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(dtype=torch.float64)
+    return _fill_weights(model, seed, 0.2).eval()

@@ -179,3 +179,18 @@ def texts() -> dict[str, Any]:
                                 "sum": int(d.input_ids.sum())} for d in long]
     out["encode"] = m.rounded(kl.encode(tok, "The key norm of a token, measured twice.", max_tokens=6)[0])
     return out
+
+
+@probe("knorm_lib")
+def prenorm_policy() -> dict[str, Any]:
+    """``knorm_prenorm`` on a QK-norm model (Qwen 3): prefill kept sets, the one-pass engine's
+    evictions and NLL; on the Llama, its kept set beside knorm's."""
+    model, x = m.tiny_qwen3(), m.ids(36, seed=11)
+    res = kl.sweep(model, x, 24, [kl.EvalConfig(0.5, "knorm_prenorm", ()), kl.EvalConfig(0.25, "knorm_prenorm", (0,))])
+    pre = kl.prefill(model, x[:, :24], capture_hidden=True)
+    kept = kl.compress_cache(pre.cache, 0.5, "knorm_prenorm", (), layer_inputs=pre.layer_inputs)
+    llama_pre = kl.prefill(m.tiny_llama(), x[:, :24], capture_hidden=True)
+    llama = kl.compress_cache(llama_pre.cache, 0.5, "knorm_prenorm", (), layer_inputs=llama_pre.layer_inputs)
+    stream = kl.streaming_ppl(model, x, "knorm_prenorm", max_cache=10, skip_layers=())
+    return {"sweep": [_summary(r) for r in res], "kept": [m.rounded(p[0]) for p in kept.positions],
+            "llama_kept": [m.rounded(p[0]) for p in llama.positions[2:]], "streaming": _summary(stream)}

@@ -101,7 +101,7 @@ def grid_and_controls() -> dict:
             points[(k, "random", (0, 1), "absolute")] = explore.GridPoint(None, None, 0.02)
         points[(k, "tova", (), "absolute")] = explore.GridPoint(None, None, 0.03)
     fake = type("FakeExplorer", (), {})()
-    fake.points, fake.continuations, fake.GRID = points, {}, E.GRID
+    fake.points, fake.continuations, fake.GRID, fake.model = points, {}, E.GRID, _models.tiny_llama()
     ui = explore.Controls(fake, "knorm")
     setting = (0.5, "knorm", (0, 1), "absolute")
     grid = ui.grid_seconds(setting)
@@ -124,3 +124,16 @@ def grid_and_controls() -> dict:
             "n_tasks_compare": len(tasks), "n_tasks_single": len(worker._tasks()),
             "pending": [worker.pending(), worker.pending(["random"])],
             "default_text_len": len(text), "default_text_head": text[:80]}
+
+
+@probe("explore")
+def qk_norm_policies() -> dict:
+    """The policies the explorer offers beside a model with QK-norm (``knorm_prenorm`` among them)
+    and without (not: there it ranks as knorm)."""
+    import knorm_lib as kl
+    from knorm_study import explore
+
+    def offered(model):
+        policies = explore.Controls(type("FakeExplorer", (), {"model": model})(), "knorm").policies
+        return [p for p in policies if getattr(kl.POLICIES.get(p), "__module__", "knorm_lib") == "knorm_lib"]
+    return {"qk_norm": offered(_models.tiny_qwen3()), "llama": offered(_models.tiny_llama())}

@@ -60,7 +60,7 @@ def _probes_of(code: Path, modules: list[str] | None, until_moved: Path | None =
 
 
 def _moved(base: dict, now: dict) -> list[str]:
-    return sorted(n for n in base if fingerprint._differences(base[n], now.get(n), fingerprint.PROBE_RTOL.get(n, fingerprint.RTOL)))
+    return sorted(n for n in base if fingerprint._differences(base[n], now.get(n), fingerprint.tolerance(n)))
 
 
 def flagged_units(moved_probes: list[str]) -> list[str]:
@@ -162,9 +162,24 @@ def test_host_rounding_stays_far_below_the_tolerance(baseline):
     other = json.loads(out.stdout.strip().splitlines()[-1])
     assert not _moved(baseline, other)
     worst = {n: fingerprint.max_scaled_difference(baseline[n], other[n]) for n in baseline}
-    f64 = {n: w for n, w in worst.items() if n not in fingerprint.PROBE_RTOL}
-    f32 = {n: w for n, w in worst.items() if n in fingerprint.PROBE_RTOL}
+    f64 = {n: w for n, w in worst.items() if fingerprint.tolerance(n) == fingerprint.RTOL}
+    f32 = {n: w for n, w in worst.items() if fingerprint.tolerance(n) != fingerprint.RTOL}
     print(f"\nanother host's kernels: float64 probes {max(f64.values()):.1e} ({max(f64, key=f64.get)}), "
           f"float32 probes {max(f32.values()):.1e} ({max(f32, key=f32.get)})")
     assert max(f64.values()) < fingerprint.RTOL / 1000
     assert max(f32.values()) < fingerprint.FLOAT32_RTOL / 10
+
+
+def test_a_record_answers_for_the_probes_it_holds():
+    """A probe added after a record was made does not make it stale (it was written for code the
+    record did not run); a probe it holds that moved, or that is no longer the unit's, does."""
+    unit = "01_norm_distributions"
+    recorded = fingerprint.of_unit(unit)
+    assert not fingerprint.moved(recorded, unit)
+    older = {n: v for n, v in recorded.items() if n != "knorm_lib.prenorm_policy"}
+    assert len(older) == len(recorded) - 1 and not fingerprint.moved(older, unit)
+    assert list(fingerprint.moved({**recorded, "attention.gone": {}}, unit)) == ["attention.gone"]
+    changed = json.loads(json.dumps(recorded))
+    changed["knorm_lib.ties_and_budgets"]["n_kept"][0] += 1
+    assert list(fingerprint.moved(changed, unit)) == ["knorm_lib.ties_and_budgets"]
+    assert fingerprint.moved(None, unit)   # no identity at all
