@@ -648,16 +648,22 @@ def compress_cache(cache: KVCache, keep_ratio: float, policy: str | Any = "knorm
     return KVCache(keys, values, positions, cache.seq_len)
 
 
-def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor:
-    """Apply RoPE by ``delta`` positions (per token, may be negative) to already-rotated keys."""
+def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any, layer_idx: int) -> torch.Tensor:
+    """Apply RoPE by ``delta`` positions (per token, may be negative) to already-rotated keys, with
+    layer ``layer_idx``'s rotary parameters (Gemma 3: one base per layer type)."""
     rotary = model.model.rotary_emb
+    layer_types = getattr(rotary, "layer_types", None)   # per-layer-type parameters
+    layer_type = model.config.layer_types[layer_idx] if layer_types else None
+    prefix = f"{layer_type}_" if layer_type else ""
     b, h, s, d = keys.shape
-    rotated_dims = 2 * rotary.inv_freq.numel() if hasattr(rotary, "inv_freq") else d
+    inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+    rotated_dims = 2 * inv_freq.numel() if inv_freq is not None else d
     if rotated_dims != d:
         raise ValueError(f"position_mode='rerotated': this model rotates {rotated_dims} of {d} dimensions per head "
                          "(partial RoPE); re-rotation supports full RoPE only")
-    cos, sin = rotary(keys, delta.reshape(1, -1).to(keys.device))
-    scale = getattr(rotary, "attention_scaling", 1.0)
+    positions = delta.reshape(1, -1).to(keys.device)
+    cos, sin = rotary(keys, positions, layer_type) if layer_type else rotary(keys, positions)
+    scale = getattr(rotary, f"{prefix}attention_scaling", 1.0)
     cos = (cos / scale).reshape(b, h, s, d).to(keys.dtype)
     sin = (sin / scale).reshape(b, h, s, d).to(keys.dtype)
     half = d // 2
@@ -666,18 +672,18 @@ def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any) -> torch.Tensor
 
 
 def _to_slots(keys: torch.Tensor, rotated_at: torch.Tensor, next_position: int,
-              model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+              model: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys`` (rotated at ``rotated_at``) re-rotated to contiguous slots ending before ``next_position``."""
     s = keys.shape[2]
     slots = torch.arange(s, device=keys.device).expand_as(rotated_at) + (next_position - s)
-    return _rotate(keys, slots - rotated_at, model), slots
+    return _rotate(keys, slots - rotated_at, model, layer_idx), slots
 
 
 def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
     """Each kept key moved to a contiguous slot in storage order (StreamingLLM's pos-shift), and the
     next token's position. Longer (skipped) layers shift as a whole, so their attention stays exact."""
     next_position = min(cache.lengths())
-    moved = [_to_slots(k, p, next_position, model) for k, p in zip(cache.keys, cache.positions)]
+    moved = [_to_slots(k, p, next_position, model, i) for i, (k, p) in enumerate(zip(cache.keys, cache.positions))]
     return KVCache([k for k, _ in moved], list(cache.values), [p for _, p in moved], cache.seq_len), next_position
 
 
@@ -1254,7 +1260,7 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
             next_position = min(lengths)
             if rerotate:
                 for i, layer in enumerate(cache.layers):
-                    layer.keys = _to_slots(base_keys[i], base_rot[i], next_position, model)[0]
+                    layer.keys = _to_slots(base_keys[i], base_rot[i], next_position, model, i)[0]
     return torch.stack(logits, 1), [{i: ev[row] for i, ev in evictions.items()} for row in range(n_rows)]
 
 

@@ -82,6 +82,8 @@ MUTATIONS: list[Mutation] = [
     M("knorm_study/texts.py", "key=lambda d: (-(d.n_tokens or 0), d.title)", "key=lambda d: ((d.n_tokens or 0), d.title)",
       "long_documents takes the shortest articles"),
     M("knorm_study/texts.py", 'add_special_tokens=False', 'add_special_tokens=True', "encode adds special tokens"),
+    M(L, "layer_type = model.config.layer_types[layer_idx] if layer_types else None",
+      "layer_type = model.config.layer_types[0] if layer_types else None", "re-rotation with the first layer's RoPE everywhere"),
     M(L, "return -_norms(kv.keys if before is None else before)", "return -_norms(kv.keys)",
       "knorm_prenorm scores the normalised key"),
     M(L, "return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)",

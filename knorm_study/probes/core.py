@@ -194,3 +194,15 @@ def prenorm_policy() -> dict[str, Any]:
     stream = kl.streaming_ppl(model, x, "knorm_prenorm", max_cache=10, skip_layers=())
     return {"sweep": [_summary(r) for r in res], "kept": [m.rounded(p[0]) for p in kept.positions],
             "llama_kept": [m.rounded(p[0]) for p in llama.positions[2:]], "streaming": _summary(stream)}
+
+
+@probe("knorm_lib")
+def per_layer_rope() -> dict[str, Any]:
+    """Re-rotation with each layer's own RoPE (Gemma 3's local and global bases; one KV head):
+    the rerotated keys, and a rerotated continuation's NLL."""
+    model, x = m.tiny_gemma3_global_rope(), m.ids(30, seed=12)
+    pre = kl.prefill(model, x[:, :20])
+    rot, next_position = kl.rerotate_keys(kl.compress_cache(pre.cache, 0.5, "knorm", ()), model)
+    res = kl.sweep(model, x, 20, [kl.EvalConfig(0.5, "knorm", (), "by_norm", "rerotated")])[0]
+    return {"next_position": next_position, "key_sums": [m.rounded(k.sum(dim=(0, 2, 3))) for k in rot.keys],
+            "key_first": [m.rounded(k[0, 0, 0, :4]) for k in rot.keys], "rerotated": _summary(res)}

@@ -194,3 +194,51 @@ def test_kept_set_matches_kvpress_knormpress(keep_ratio, real_model, news_ids, n
                 assert bool((same_place | tied).all()), f"layer {layer} head {head}: different storage order"
     print(f"kept-set differences at exact boundary ties: {n_tie_swaps}")
 
+
+
+def _rope(k: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE by hand (rotate-half layout) of keys ``(n, D)`` at ``positions`` with ``base``."""
+    d = k.shape[-1]
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)
+    return k * angles.cos() + torch.cat([-k[:, d // 2:], k[:, :d // 2]], dim=-1) * angles.sin()
+
+
+def test_rerotation_uses_each_layers_own_rope():
+    """Gemma 3 rotates local and global layers with different bases (10k and 1M): re-rotation moves
+    each kept key to its slot with its own layer's base. Checked against a hand computation from
+    the keys before RoPE (k_norm's output, captured by a hook). Windows are off in this config (the
+    attention function does not implement them yet), the per-type RoPE stays on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=256,
+                               max_position_embeddings=512, sliding_window=None,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    kl._register_attention()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
+    before_rope, handles = {}, []
+
+    def keep(i):
+        def hook(module, args, out):
+            before_rope[i] = out   # Gemma 3 normalises (1, H_kv, n, D), after the transpose
+        return hook
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.k_norm.register_forward_hook(keep(i)))
+    pre = kl.prefill(model, torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4)))
+    for h in handles:
+        h.remove()
+    comp = kl.compress_cache(pre.cache, 0.5, "knorm", ())
+    rot, next_position = kl.rerotate_keys(comp, model)
+    bases = {"sliding_attention": 10_000.0, "full_attention": 1_000_000.0}
+    for i, layer_type in enumerate(cfg.layer_types):
+        kept = comp.positions[i][0, 0]                               # the one KV head's kept positions
+        k = before_rope[i][0, 0, kept]                               # (n_kept, D)
+        slots = torch.arange(next_position - kept.numel(), next_position, dtype=torch.float64)
+        expected = _rope(k, slots, bases[layer_type])
+        # transformers computes RoPE's cos and sin in float32 even for a float64 model
+        torch.testing.assert_close(rot.keys[i][0, 0], expected, rtol=0, atol=1e-6)
+        other = "full_attention" if layer_type == "sliding_attention" else "sliding_attention"
+        assert not torch.allclose(rot.keys[i][0, 0], _rope(k, slots, bases[other]), atol=1e-3)
