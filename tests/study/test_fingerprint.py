@@ -96,7 +96,7 @@ class _Server:
         self.proc.wait(timeout=60)
 
 
-def test_mutations_are_caught_and_refactors_pass(baseline, tmp_path):
+def test_mutations_are_caught_and_refactors_pass(baseline, tmp_path, capsys):
     import queue
 
     base_file = tmp_path / "baseline.json"
@@ -142,14 +142,16 @@ def test_mutations_are_caught_and_refactors_pass(baseline, tmp_path):
             if moved:
                 false_alarms.append(job.what)
     n_mut, n_ref = len(MUTATIONS), len(REFACTORS)
-    print("\n".join(["", "result | where | mutation | units flagged | probes moved", *lines,
-                     f"score: mutations caught {n_mut - len(missed)}/{n_mut}, refactors passed {n_ref - len(false_alarms)}/{n_ref}"]))
+    score = f"score: mutations caught {n_mut - len(missed)}/{n_mut}, refactors passed {n_ref - len(false_alarms)}/{n_ref}"
+    print("\n".join(["", "result | where | mutation | units flagged | probes moved", *lines, score]))
+    with capsys.disabled():   # on screen in `make test` too
+        print(f"\nmutation test: {score}")
     assert n_mut >= 25 and n_ref >= 6
     assert not missed, f"mutations no probe caught: {missed}"
     assert not false_alarms, f"refactors flagged: {false_alarms}"
 
 
-def test_host_rounding_stays_far_below_the_tolerance(baseline):
+def test_host_rounding_stays_far_below_the_tolerance(baseline, capsys):
     """Another host's kernels (torch's unvectorised CPU kernels, MKL limited to SSE4.2, two threads:
     other reduction orders) move every float64 probe by less than RTOL / 1000 and every float32
     one by less than FLOAT32_RTOL / 10, on the tolerance's scale (``max_scaled_difference``)."""
@@ -164,8 +166,9 @@ def test_host_rounding_stays_far_below_the_tolerance(baseline):
     worst = {n: fingerprint.max_scaled_difference(baseline[n], other[n]) for n in baseline}
     f64 = {n: w for n, w in worst.items() if fingerprint.tolerance(n) == fingerprint.RTOL}
     f32 = {n: w for n, w in worst.items() if fingerprint.tolerance(n) != fingerprint.RTOL}
-    print(f"\nanother host's kernels: float64 probes {max(f64.values()):.1e} ({max(f64, key=f64.get)}), "
-          f"float32 probes {max(f32.values()):.1e} ({max(f32, key=f32.get)})")
+    with capsys.disabled():
+        print(f"\nanother host's kernels: float64 probes {max(f64.values()):.1e} ({max(f64, key=f64.get)}), "
+              f"float32 probes {max(f32.values()):.1e} ({max(f32, key=f32.get)})")
     assert max(f64.values()) < fingerprint.RTOL / 1000
     assert max(f32.values()) < fingerprint.FLOAT32_RTOL / 10
 
