@@ -20,7 +20,8 @@ How to choose ``position_mode`` (the write-up's pitfall lives here):
   storage order (``order="by_norm"``) matter.
 
 Evaluation is unpadded; the attention function builds its causal mask from each layer's own key
-length, so layers may hold caches of different lengths (``skip_layers``).
+length, so layers may hold caches of different lengths (``skip_layers``), and a sliding-window
+layer's mask from its keys' true positions (``sliding_layers``), never from a cache length.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ import torch.nn.functional as F
 __all__ = [
     "load_model", "check_supported", "recording_attention", "grouped_decoding",
     "LayerKV", "PolicyOptions", "POLICIES", "DYNAMIC_POLICIES", "KVPRESS_POLICIES", "LAYER_INPUT_POLICIES",
-    "register_policy", "needs_layer_inputs", "has_qk_norm", "resolve_policy", "check_policy",
+    "register_policy", "needs_layer_inputs", "has_qk_norm", "sliding_layers", "resolve_policy", "check_policy",
     "n_kept_for", "KVCache", "keep_indices", "storage_order", "policy_scores", "compress_cache", "rerotate_keys",
     "Reference", "token_metrics",
     "Prefill", "prefill", "continuation_logits", "full_logits", "reference_forward", "full_ppl",
     "EvalConfig", "EvalResult", "evaluate", "sweep", "prefill_ppl",
     "StreamingConfig", "budget_schedule", "eviction_steps", "dynamic_eviction_steps", "streaming_mask",
     "streaming_ppl", "streaming_sweep",
-    "POSITION_MODES", "ORDERS",
+    "POSITION_MODES", "ORDERS", "LAYER_SCOPES", "layers_to_skip", "footprint",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -150,16 +151,22 @@ def _check_context_len(context_len: int, n_tokens: int) -> None:
 
 # ---- 2. The attention function and the models it supports (loading: knorm_study/models.py) ----------
 
-# The one-pass streaming engine's per-layer visibility, ``mask_fn(layer_idx, query, key, scale)`` with
-# the layer's RoPE-rotated tensors: the step each key is evicted at per KV head, ``(H_kv, n)``
-# integers (batch size 1, ``streaming_mask`` says what it means), or ``None`` (causal).
-MaskFn = Callable[[int, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
+# The one-pass streaming engine's per-layer visibility, ``mask_fn(layer_idx, query, key, scale, window)``
+# with the layer's RoPE-rotated tensors and sliding window (``None``: none): the step each key is
+# evicted at per KV head, ``(H_kv, n)`` integers (batch size 1, ``streaming_mask`` says what it
+# means), or ``None`` (causal).
+MaskFn = Callable[[int, torch.Tensor, torch.Tensor, float, "int | None"], "torch.Tensor | None"]
 _MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("knorm_mask_fn", default=None)
 _ATTN_RECORDER: contextvars.ContextVar[Callable[[int, torch.Tensor], None] | None] = \
     contextvars.ContextVar("knorm_attn_recorder", default=None)
 # Grouped decode steps equal the per-head form up to float rounding, not bitwise, so the
 # evaluators that score perplexity keep the per-head form.
 _GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_grouped_decode", default=False)
+# Sliding-window layers need each cached key's position, which a cache's length stops giving once
+# tokens are evicted: the positions ``(B, H_kv, S)`` per layer of the cache a forward attends to
+# (``_over``; held by the transformers cache, ``knorm_positions``). A windowed layer appends its
+# queries' positions, so the list follows the cache as it grows.
+_KEY_POSITIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar("knorm_key_positions", default=None)
 # ``(start, hidden)``: the forward starts at layer ``start`` from ``hidden`` (``_resumed``).
 _RESUME: contextvars.ContextVar[tuple[int, torch.Tensor] | None] = contextvars.ContextVar("knorm_resume", default=None)
 
@@ -171,6 +178,12 @@ def _using(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
+
+
+def _over(cache: Any) -> contextlib.AbstractContextManager:
+    """Within the block, forwards attend over the transformers cache ``cache``, whose
+    ``knorm_positions`` (set where the library builds it) say where each key sits."""
+    return _using(_KEY_POSITIONS, getattr(cache, "knorm_positions", None))
 
 
 def recording_attention(fn: Callable[[int, torch.Tensor], None] | None) -> contextlib.AbstractContextManager:
@@ -189,21 +202,32 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA whose causal mask comes from this layer's own key length: the ``q_len`` queries are the
-    last ``q_len`` keys, everything before them is cache and fully visible."""
-    for feature in ("sliding_window", "softcap", "s_aux"):   # features this function does not implement
+    last ``q_len`` keys, everything before them is cache and fully visible. On a sliding-window
+    layer (transformers passes ``sliding_window``) key ``j`` is visible from position ``p`` iff
+    ``0 <= p - j < window``, positions from ``position_ids`` and ``_KEY_POSITIONS``."""
+    for feature in ("softcap", "s_aux"):   # features this function does not implement
         if kwargs.get(feature) is not None:
             raise NotImplementedError(f"layer {module.layer_idx}: attention with {feature}={kwargs[feature]!r} is not "
                                       "implemented by knorm_lib's attention function (load_model refuses such models)")
     q_len, k_len = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    positions = _window_positions(module.layer_idx, key, kwargs.get("position_ids"), q_len) if window else None
     mask_fn = _MASK_FN.get()
     scale = scaling or query.shape[-1] ** -0.5
-    evict = mask_fn(module.layer_idx, query, key, scale) if mask_fn is not None else None
+    evict = mask_fn(module.layer_idx, query, key, scale, window) if mask_fn is not None else None
     recorder = _ATTN_RECORDER.get()
     if evict is not None and recorder is None:
-        return _streaming_attention(query, key, value, evict, scaling), None
+        return _streaming_attention(query, key, value, evict, scaling, window and (window, positions[0][0])), None
     mask = streaming_mask(evict.to(query.device), query.dtype) if evict is not None else None
     is_causal = False
-    if mask is None and q_len > 1:
+    if window:   # a predicate on positions: 0 <= p - j < window (and, streaming, not yet evicted)
+        q_pos, k_pos = positions
+        seen = q_pos[:, None, :, None] - k_pos[:, :, None, :]   # (B, H_kv, q_len, k_len)
+        visible = (seen >= 0) & (seen < window)
+        if mask is not None:
+            visible &= mask[None] == 0
+        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+    elif mask is None and q_len > 1:
         if q_len == k_len:
             is_causal = True
         else:
@@ -219,7 +243,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if recorder is not None:  # float32 whatever the model's dtype, as the one-pass replay of H2O
         logits = query.float() @ key.float().repeat_interleave(groups, dim=1).transpose(-1, -2) * scale
         if mask is not None:
-            logits = logits + (mask.float().repeat_interleave(groups, dim=0) if mask.dim() == 3 else mask.float())
+            logits = logits + (mask.float().repeat_interleave(groups, dim=mask.dim() - 3) if mask.dim() > 2
+                               else mask.float())
         elif is_causal:
             visible = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
             logits = logits.masked_fill(~visible, float("-inf"))
@@ -230,10 +255,39 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         out = F.scaled_dot_product_attention(query.view(h_kv, groups, q_len, d), key[0][:, None], value[0][:, None],
                                              attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
         out = out.view(1, h_kv * groups, q_len, value.shape[-1])
+    elif mask is not None and mask.dim() == 4:   # (B, H_kv, q_len, k_len): a window
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.repeat_interleave(groups, dim=1),
+                                             scale=scaling, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
                                              scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _window_positions(layer_idx: int, key: torch.Tensor, position_ids: torch.Tensor | None,
+                      q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of a windowed layer's queries ``(B, q_len)`` and keys ``(B, H_kv, k_len)``: the
+    queries are the last ``q_len`` keys; the cached ones sit where ``_KEY_POSITIONS`` says (never
+    where a cache length would put them), which then holds this layer's keys."""
+    if position_ids is None:
+        raise ValueError(f"layer {layer_idx}: a sliding-window layer needs the queries' position_ids")
+    b, h_kv, k_len = key.shape[0], key.shape[1], key.shape[2]
+    q_pos = position_ids.to(key.device).expand(b, q_len)
+    new = q_pos[:, None, :].expand(b, h_kv, q_len)
+    book = _KEY_POSITIONS.get()
+    if k_len == q_len:
+        k_pos = new
+    else:
+        cached = book[layer_idx] if book is not None else None
+        if cached is None or cached.shape[-1] + q_len != k_len:
+            raise ValueError(f"layer {layer_idx}: a sliding-window layer attends over a cache of {k_len - q_len} keys "
+                             "whose positions knorm_lib does not know (build caches with knorm_lib: prefill, "
+                             "KVCache.to_transformers, decode.in_place_cache); a cache length does not say where "
+                             "a key sits once tokens are evicted")
+        k_pos = torch.cat([cached.to(key.device).expand(b, h_kv, -1), new], dim=-1)
+    if book is not None:
+        book[layer_idx] = k_pos
+    return q_pos, k_pos
 
 
 # CPU SDPA walks keys in blocks of 512: cutting the keys at a multiple of 512 leaves every output
@@ -242,11 +296,12 @@ _CPU_KEY_BLOCK = 512
 
 
 def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evict: torch.Tensor,
-                         scaling: float | None) -> torch.Tensor:
-    """Attention of ``n`` queries over their own ``n`` keys, key ``j`` visible to query ``t`` iff ``j <= t <= evict[h, j]``;
-    ``(1, n, H_q, D)``. On CPU a block of queries at a time over the keys up to the block's end only (5/8 of the
-    work at 2,048 tokens, the same bits); a last block of one query joins the one before (alone, SDPA takes
-    another path for it, whose float32 rounding differs on some CPUs)."""
+                         scaling: float | None, window: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of ``n`` queries over their own ``n`` keys, key ``j`` visible to query ``t`` iff ``j <= t <= evict[h, j]``
+    (and, with ``window=(w, positions)``, ``positions[t] - positions[j] < w``); ``(1, n, H_q, D)``. On CPU a block of
+    queries at a time over the keys up to the block's end only (5/8 of the work at 2,048 tokens, the same bits),
+    and from the block of 512 that holds the first key in the window; a last block of one query joins the one
+    before (alone, SDPA takes another path for it, whose float32 rounding differs on some CPUs)."""
     n_kv_heads, n = evict.shape
     groups, d = query.shape[1] // n_kv_heads, query.shape[-1]
     block = _CPU_KEY_BLOCK if query.device.type == "cpu" else n
@@ -254,10 +309,13 @@ def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     starts = [s for s in range(0, n, block) if s == 0 or n - s > 1]
     outs = []
     for start, stop in zip(starts, starts[1:] + [n]):
-        mask = streaming_mask(evict[:, :stop], query.dtype, rows=(start, stop))   # (H_kv, rows, stop)
+        first = 0
+        if window is not None:   # positions never decrease: keys before the first query's window stay unseen
+            first = int(torch.searchsorted(window[1], window[1][start] - window[0] + 1)) // _CPU_KEY_BLOCK * _CPU_KEY_BLOCK
+        mask = streaming_mask(evict[:, :stop], query.dtype, rows=(start, stop), window=window)[..., first:]
         # each KV head's query group is one batch row: the mask is never repeated per query head
         q = query[0, :, start:stop].reshape(n_kv_heads, groups, stop - start, d)
-        outs.append(F.scaled_dot_product_attention(q, key[0, :, None, :stop], value[0, :, None, :stop],
+        outs.append(F.scaled_dot_product_attention(q, key[0, :, None, first:stop], value[0, :, None, first:stop],
                                                    attn_mask=mask[:, None], scale=scaling, enable_gqa=True))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.view(1, n_kv_heads * groups, n, value.shape[-1]).transpose(1, 2).contiguous()
@@ -293,26 +351,19 @@ def _register_attention() -> None:
 
 def _check_config(cfg: Any, arch: str) -> None:
     """The attention features ``check_supported`` refuses, read from the config (before any weights load)."""
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    window = getattr(cfg, "sliding_window", None)
-    if "sliding_attention" in layer_types or (window is not None and getattr(cfg, "use_sliding_window", None) is not False):
-        raise ValueError(f"model: {arch} uses sliding-window attention (sliding_window={window}), which knorm_lib's "
-                         "attention function does not implement; refusing rather than computing other numbers")
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"model: {arch} uses attention logit softcapping (attn_logit_softcapping="
-                         f"{cfg.attn_logit_softcapping}), which knorm_lib's attention function does not implement")
-    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        raise ValueError(f"model: {arch} uses a different RoPE per layer type ({sorted(rope)}), which "
-                         "knorm_lib's re-rotation and scorers do not handle")
+                         f"{cfg.attn_logit_softcapping}), which knorm_lib's attention function does not implement "
+                         "(SDPA has no tanh on the scores); refusing rather than computing other numbers")
 
 
 def check_supported(model: Any) -> None:
     """Refuse, naming the feature, a model this library cannot evaluate exactly. Supported:
     decoder-only RoPE models laid out like Llama (``model.model.layers[i].self_attn``, one
-    ``model.model.rotary_emb``): Llama, Mistral without a sliding window, Qwen2/3, Phi-3, SmolLM.
-    Refused: other layouts, sliding windows (once tokens are evicted a layer's cache length no
-    longer says how far back a key sits), logit softcapping (Gemma2), per-layer-type RoPE (Gemma3)."""
+    ``model.model.rotary_emb``): Llama, SmolLM, Mistral and Phi-3 (with or without a sliding
+    window), Qwen 2/3, OLMo 2 and Gemma 3 (text). Sliding windows are masks on true positions
+    (``sliding_layers``); each layer type re-rotates with its own RoPE. Refused: other layouts and
+    attention logit softcapping (Gemma 2)."""
     cfg = getattr(model, "config", None)
     arch = type(model).__name__
     inner = getattr(model, "model", None)
@@ -326,6 +377,27 @@ def check_supported(model: Any) -> None:
 
 def _layers(model: Any) -> Sequence[torch.nn.Module]:
     return model.model.layers
+
+
+def sliding_layers(model: Any) -> tuple[int, ...]:
+    """The layers whose attention sees only the last ``config.sliding_window`` positions: Gemma 3's
+    local layers (five in six), every layer of a Mistral or Phi-3 whose config sets a window, Qwen 2/3's
+    layers from ``max_window_layers`` on with ``use_sliding_window``. A query at position ``p`` sees a
+    key at ``j`` iff ``0 <= p - j < window``; knorm_lib keeps whole caches and masks by position
+    (transformers' own sliding caches drop all but the last window, which eviction would misplace)."""
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", None) is False:
+        return ()
+    types = getattr(cfg, "layer_types", None)
+    return tuple(i for i in range(_n_layers(model)) if types is None or types[i] == "sliding_attention")
+
+
+def _check_window_numbering(model: Any, position_mode: str) -> None:
+    """A window is a distance in true positions: only ``absolute`` numbers new tokens by them."""
+    if position_mode != "absolute" and sliding_layers(model):
+        raise ValueError(f"position_mode={position_mode!r}: {type(model).__name__} has sliding-window layers, whose "
+                         "window is a distance in true positions; under this mode the model's numbering is not the "
+                         "tokens' positions, so which keys a window holds is undefined. Use 'absolute'")
 
 
 def _n_layers(model: Any) -> int:
@@ -571,6 +643,7 @@ class KVCache:
         cache = DynamicCache()
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(k, v, i)
+        cache.knorm_positions = list(self.positions)   # where each key sits (sliding windows read it)
         return cache
 
     def lengths(self) -> list[int]:
@@ -687,6 +760,47 @@ def rerotate_keys(cache: KVCache, model: Any) -> tuple[KVCache, int]:
     return KVCache([k for k, _ in moved], list(cache.values), [p for _, p in moved], cache.seq_len), next_position
 
 
+LAYER_SCOPES: tuple[str, ...] = ("all", "global")
+
+
+def layers_to_skip(model: Any, skip_layers: Iterable[int] = (0, 1), compress: str = "all") -> tuple[int, ...]:
+    """The ``skip_layers`` argument that compresses what ``compress`` names on a hybrid model:
+    ``"all"``, every layer outside ``skip_layers`` (the paper's rule, literally); ``"global"``, only
+    the full-attention layers outside them (kvpress's rule for Gemma 3: a local layer never holds
+    more than its window, so compressing it saves little memory at long contexts and changes what
+    the window sees). On a model without windows both are ``skip_layers``."""
+    _check_choice("compress", compress, LAYER_SCOPES)
+    skip = _check_skip_layers(skip_layers, _n_layers(model))
+    return tuple(sorted(skip | set(sliding_layers(model)) if compress == "global" else skip))
+
+
+def _layer_type(model: Any, layer_idx: int) -> str:
+    return "sliding_attention" if layer_idx in sliding_layers(model) else "full_attention"
+
+
+def footprint(model: Any, held: Sequence[torch.Tensor], seq_len: int) -> dict[str, dict[str, float]]:
+    """Per layer type, what the next query (position ``seq_len``) can still read, from the positions
+    ``held`` per layer ``(B, H_kv, S)`` (true positions): ``kv_bytes`` of those entries and
+    ``kept_fraction``, their number over what the uncompressed layer would offer (a local layer: the
+    last ``window - 1`` positions, as transformers' sliding cache keeps; an older key is never read again)."""
+    window = getattr(model.config, "sliding_window", None)
+    per_entry = 2 * _head_dim(model) * next(model.parameters()).element_size()
+    out: dict[str, dict[str, float]] = {}
+    for i, pos in enumerate(held):
+        kind = _layer_type(model, i)
+        if kind == "sliding_attention":
+            readable, offered = int((pos > seq_len - window).sum()), pos.shape[0] * pos.shape[1] * min(seq_len, window - 1)
+        else:
+            readable, offered = pos.numel(), pos.shape[0] * pos.shape[1] * seq_len
+        row = out.setdefault(kind, {"layers": 0, "kv_bytes": 0, "entries": 0, "offered": 0})
+        row["layers"] += 1
+        row["kv_bytes"] += readable * per_entry
+        row["entries"] += readable
+        row["offered"] += offered
+    return {kind: {"layers": r["layers"], "kv_bytes": r["kv_bytes"], "kept_fraction": r["entries"] / r["offered"]}
+            for kind, r in out.items()}
+
+
 # ---- 6. Metrics -----------------------------------------------------------------------------------
 
 def _metrics_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -793,6 +907,7 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
 def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[KVCache, int]:
     """The cache to attend to and the next token's position under ``position_mode``."""
     _check_choice("position_mode", position_mode, POSITION_MODES)
+    _check_window_numbering(model, position_mode)
     if position_mode == "rerotated":
         return rerotate_keys(cache, model)
     return cache, cache.seq_len if position_mode == "absolute" else min(cache.lengths())
@@ -806,8 +921,10 @@ def continuation_logits(model: Any, cache: KVCache, new_ids: torch.Tensor,
     cache, start = _numbered(cache, model, position_mode)
     t = new_ids.shape[-1]
     position_ids = torch.arange(start, start + t, device=model.device)[None]
-    out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=cache.to_transformers(),
-                position_ids=position_ids, use_cache=True)
+    past = cache.to_transformers()
+    with _over(past):
+        out = model(input_ids=new_ids.to(model.device).view(1, -1), past_key_values=past,
+                    position_ids=position_ids, use_cache=True)
     return out.logits[0]
 
 
@@ -965,8 +1082,9 @@ def evaluate(model: Any, pre: Prefill, new_ids: torch.Tensor, targets: torch.Ten
     m = token_metrics(logits, targets, reference_logits)
     context_len = pre.cache.seq_len
     n_kept = _n_kept_reported(context_len, cfg.keep_ratio, cfg.skip_layers, model)
+    meta = {"by_layer_type": footprint(model, cache.positions, context_len)} if sliding_layers(model) else {}
     return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, context_len,
-                      cache.nbytes()), cache
+                      cache.nbytes(), meta), cache
 
 
 def sweep(model: Any, input_ids: torch.Tensor, context_len: int, configs: Sequence[EvalConfig],
@@ -1104,12 +1222,13 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int, 
 
 @torch.inference_mode()
 def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float, budget: torch.Tensor,
-                           block: int = 256) -> torch.Tensor:
+                           block: int = 256, window: int | None = None) -> torch.Tensor:
     """H2O's eviction steps ``(H_kv, n)`` from one layer's queries ``(1, H_q, n, D)`` and keys
-    ``(1, H_kv, n, D)``. Exact: query ``t`` depends only on earlier layers, whose retained sets are
-    already fixed, so replaying the sequential engine's steps (attend, add the attention to each
-    token's mass, evict the lowest mass outside the ``_h2o_recent`` newest until ``budget[t]``
-    remain, the oldest of equal masses first) takes ``h2o_score``'s decisions."""
+    ``(1, H_kv, n, D)`` at positions ``0..n-1``. Exact: query ``t`` depends only on earlier layers, whose
+    retained sets are already fixed, so replaying the sequential engine's steps (attend, within the
+    layer's sliding ``window`` if any, add the attention to each token's mass, evict the lowest mass
+    outside the ``_h2o_recent`` newest until ``budget[t]`` remain, the oldest of equal masses first)
+    takes ``h2o_score``'s decisions."""
     _, n_q_heads, n, _ = query.shape
     n_kv_heads = key.shape[1]
     groups = n_q_heads // n_kv_heads
@@ -1127,8 +1246,9 @@ def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float,
             logits = ((q[:, start:stop] @ k[:, :stop].transpose(-1, -2)) * scale).view(n_kv_heads, groups, -1, stop)
             for t in range(start, stop):
                 n_alive += 1
-                probs = (logits[:, :, t - start, :t + 1] + hidden[:, :, :t + 1]).softmax(-1)
-                mass[:, :t + 1] += probs.sum(1)
+                seen = max(0, t + 1 - window) if window else 0   # the first key in the window
+                probs = (logits[:, :, t - start, seen:t + 1] + hidden[:, :, seen:t + 1]).softmax(-1)
+                mass[:, seen:t + 1] += probs.sum(1)
                 older = t + 1 - _h2o_recent(caps[t])   # the recent tokens are never evicted
                 while n_alive > caps[t]:
                     gone = (mass[:, :older] - hidden[:, 0, :older]).argmin(-1)   # an evicted token's is +inf
@@ -1141,14 +1261,19 @@ def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float,
 
 
 def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32,
-                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+                   rows: tuple[int, int] | None = None, window: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Additive mask per KV head ``(H_kv, n, n)``: key ``j`` visible to query ``t`` iff ``j <= t <= evict[j]``;
-    ``rows=(start, stop)``: only queries ``start <= t < stop``."""
+    ``rows=(start, stop)``: only queries ``start <= t < stop``; ``window=(w, positions)``: and
+    ``positions[t] - positions[j] < w`` (a sliding-window layer, tokens at ``positions``)."""
     n_heads, n = evict.shape
     start, stop = rows or (0, n)
     t = torch.arange(start, stop, device=evict.device).view(1, stop - start, 1)
     j = torch.arange(n, device=evict.device).view(1, 1, n)
-    return torch.where((j <= t) & (t <= evict.view(n_heads, 1, n)), 0.0, float("-inf")).to(dtype)
+    visible = (j <= t) & (t <= evict.view(n_heads, 1, n))
+    if window is not None:
+        pos = window[1].to(evict.device)
+        visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]
+    return torch.where(visible, 0.0, float("-inf")).to(dtype)
 
 
 def _per_kv_head(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -1174,13 +1299,14 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
     skip = set(cfg.skip_layers)
     evictions: dict[int, torch.Tensor] = {}
 
-    def mask_fn(layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def mask_fn(layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float,
+                window: int | None) -> torch.Tensor | None:
         if layer_idx in skip:
             return None
         if evict_override is not None:
             evict = evict_override[layer_idx]
         elif cfg.policy in DYNAMIC_POLICIES:
-            evict = dynamic_eviction_steps(query, key, scale, budget)
+            evict = dynamic_eviction_steps(query, key, scale, budget, window=window)
         else:
             positions = torch.arange(n, device=key.device).expand(1, key.shape[1], n)
             scores = score_fn(LayerKV(key, key, positions, layer_idx, **inputs.get(layer_idx, {})), opts)[0]
@@ -1229,8 +1355,10 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
     with recording_attention(record if cfg.policy in DYNAMIC_POLICIES else None):
         for t in _progress(range(n), "streaming (sequential)", progress):
             position = t if cfg.position_mode == "absolute" or not any_compressed else next_position
-            out = model(input_ids=ids[:, t:t + 1].to(model.device), past_key_values=cache, use_cache=True,
-                        position_ids=torch.full((n_rows, 1), position, device=model.device))
+            cache.knorm_positions = list(pos)   # absolute: the original indices are the positions
+            with _over(cache):
+                out = model(input_ids=ids[:, t:t + 1].to(model.device), past_key_values=cache, use_cache=True,
+                            position_ids=torch.full((n_rows, 1), position, device=model.device))
             logits.append(out.logits[:, -1])
             for i, layer in enumerate(cache.layers):
                 b, h = layer.keys.shape[:2]
@@ -1277,6 +1405,7 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
     skip = tuple(sorted(_check_skip_layers(skip_layers, _n_layers(model))))
     _check_choice("order", order, ORDERS)
     _check_choice("position_mode", position_mode, POSITION_MODES)
+    _check_window_numbering(model, position_mode)
     budget = budget_schedule(n, keep_ratio, max_cache, prune_after)
     _require(isinstance(recent_window, int) and not isinstance(recent_window, bool) and recent_window >= 0,
              "recent_window", recent_window, "an int >= 0")
@@ -1305,6 +1434,11 @@ def _streaming_result(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budge
     meta = {"protocol": "streaming", "n_tokens": n, "final_cache_len": n_kept,
             "mean_kept_fraction": kept_fraction if compressed else 1.0,
             "mean_cache_fraction": compressed * kept_fraction + (1 - compressed)}
+    if sliding_layers(model):   # what the next query could read, per layer type, after the text
+        every = torch.arange(n).expand(1, model.config.num_key_value_heads, n)
+        held = [every[evictions[i][None] == n].view(1, every.shape[1], -1) if i in evictions else every
+                for i in range(n_layers)]
+        meta["by_layer_type"] = footprint(model, held, n)
     return EvalResult(cfg, m["nll"], m["correct"], m["kl"], m["top1_agree"], n_kept, 0,
                       sum(lengths) * kv_bytes_per_token, meta=meta, evictions=evictions)
 

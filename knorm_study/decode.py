@@ -62,6 +62,7 @@ def in_place_cache(cache: kl.KVCache, room: int = 0) -> Any:
     dyn = DynamicCache()
     layer = _in_place_layer_class()
     dyn.layers = [layer(k, v, room) for k, v in zip(cache.keys, cache.values)]
+    dyn.knorm_positions = list(cache.positions)   # where each key sits (sliding windows read it)
     return dyn
 
 
@@ -69,7 +70,7 @@ def greedy_step(model: Any, dyn: Any, token: torch.Tensor, position: int, groupe
     """One decode step: feed ``token`` (1, 1) at ``position`` into the transformers cache ``dyn``
     (extended by it); return the greedy next token (1, 1). ``grouped``: grouped-query attention
     reads each kept key once (``False``: once per query head, as transformers' SDPA path does)."""
-    with kl.grouped_decoding(grouped):
+    with kl.grouped_decoding(grouped), kl._over(dyn):
         out = model(input_ids=token, past_key_values=dyn, use_cache=True,
                     position_ids=torch.tensor([[position]], device=model.device))
     return out.logits[:, -1].argmax(-1).view(1, 1)

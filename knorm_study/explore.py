@@ -73,6 +73,21 @@ class Explorer:
     SKIP_OPTIONS = (("(0, 1) paper", (0, 1)), ("() all layers", ()), ("(0,)", (0,)))   # the skip_layers menu
 
     @staticmethod
+    def skip_options(model: Any) -> list[tuple[str, tuple[int, ...]]]:
+        """The skip_layers menu: ``SKIP_OPTIONS`` and, on a model with sliding-window layers, the
+        global layers only (kvpress's rule for Gemma 3), with and without the paper's (0, 1)."""
+        options = list(Explorer.SKIP_OPTIONS)
+        if kl.sliding_layers(model):
+            options += [("global layers only", kl.layers_to_skip(model, (), "global")),
+                        ("global, not (0, 1)", kl.layers_to_skip(model, (0, 1), "global"))]
+        return options
+
+    @staticmethod
+    def position_modes(model: Any) -> list[str]:
+        """The positions menu: every mode, or only ``absolute`` where windows need true positions."""
+        return ["absolute"] if kl.sliding_layers(model) else list(kl.POSITION_MODES)
+
+    @staticmethod
     def check_setting(model: Any, keep_ratio: float, policy: str, skip_layers: Sequence[int],
                       position_mode: str, layer: int, kv_head: int, max_tokens: int) -> None:
         """Every explorer parameter against the model and the controls, before any prefill: a
@@ -108,7 +123,7 @@ class Explorer:
         self.targets = self.ids[0, self.context_len + 1:].to(model.device)
         # with the input of each menu skip set's first compressed layer: its points start there
         self.ref_logits = kl.reference_forward(model, self.new_ids, self.pre.cache,
-                                               [kl._first_compressed(skip) for _, skip in self.SKIP_OPTIONS])
+                                               [kl._first_compressed(skip) for _, skip in self.skip_options(model)])
         self.tokens = [tokenizer.decode([t]) for t in self.ids[0, :self.context_len].tolist()]
         self.prefill_seconds = time.perf_counter() - t0
         self._reference_ids: torch.Tensor | None = None
@@ -348,11 +363,11 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
                                  continuous_update=True, readout_format=".2f")
     w_policy = widgets.Dropdown(options=ui.policies, value=policy, description="policy")
     w_compare = widgets.Dropdown(options=["none"] + ui.policies, value="none", description="compare with")
-    skip_options = list(Explorer.SKIP_OPTIONS)
+    skip_options = Explorer.skip_options(model)
     if tuple(skip_layers) not in [value for _, value in skip_options]:
         skip_options.append((str(tuple(skip_layers)), tuple(skip_layers)))
     w_skip = widgets.Dropdown(options=skip_options, value=tuple(skip_layers), description="skip_layers")
-    w_mode = widgets.Dropdown(options=list(kl.POSITION_MODES), value=position_mode, description="positions")
+    w_mode = widgets.Dropdown(options=Explorer.position_modes(model), value=position_mode, description="positions")
     w_layer = widgets.IntSlider(value=layer, min=0, max=kl._n_layers(model) - 1, description="layer")
     w_head = widgets.IntSlider(value=kv_head, min=0, max=model.config.num_key_value_heads - 1, description="KV head")
     w_text = widgets.Textarea(value=explorer.text[:3000], layout=widgets.Layout(width="100%", height="80px"))

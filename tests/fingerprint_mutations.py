@@ -88,6 +88,17 @@ MUTATIONS: list[Mutation] = [
       "knorm_prenorm scores the normalised key"),
     M(L, "return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)",
       "return keys.view(*keys.shape[:2], -1, kv.keys.shape[1]).transpose(1, 2)", "knorm_prenorm: heads and dims swapped"),
+    M(L, "visible = (seen >= 0) & (seen < window)", "visible = (seen >= 0) & (seen <= window)",
+      "a window one key wider in the prefill protocol's continuation"),
+    M(L, "visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]",
+      "visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0] + 1",
+      "a window one key wider in the one-pass engine"),
+    M(L, "seen = max(0, t + 1 - window) if window else 0", "seen = 0",
+      "h2o's one-pass replay ignores the window"),
+    M(L, "return tuple(sorted(skip | set(sliding_layers(model)) if compress == \"global\" else skip))",
+      "return tuple(sorted(skip))", "layers_to_skip: the global rule compresses the local layers too"),
+    M(L, "pos.shape[0] * pos.shape[1] * min(seq_len, window - 1)", "pos.shape[0] * pos.shape[1] * min(seq_len, window)",
+      "footprint: a local layer offers its whole window"),
 ]
 
 _INTERVALS = (Path(__file__).resolve().parents[1] / "knorm_study" / "intervals.py").read_text()

@@ -102,12 +102,12 @@ SUPPORTED = {
     "mistral-no-window": dict(model_type="mistral", sliding_window=None, head_dim=16),
     "phi3": dict(pad_token_id=0),
     "phi3-partial-rope": dict(model_type="phi3", pad_token_id=0, partial_rotary_factor=0.5),
+    "mistral-window": dict(model_type="mistral", sliding_window=16, head_dim=16),
+    "gemma3_text": dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 REFUSED = {
-    "mistral-window": (dict(model_type="mistral", sliding_window=64, head_dim=16), "sliding-window"),
-    "gemma2": (dict(head_dim=16), "sliding-window|softcapping"),
-    "gemma3_text": (dict(head_dim=16), "sliding-window"),
+    "gemma2": (dict(head_dim=16), "softcapping"),
     "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, vocab_size=49152), "not supported"),
 }
 
@@ -166,3 +166,47 @@ def _acc(values: dict[float, float], ctx: int = 256, policy: str = "knorm") -> l
     return [{"context": ctx, "policy": policy, "keep_ratio": r, "accuracy": a, "lo": 0.0, "hi": 1.0, "n": 3.0}
             for r, a in values.items()]
 
+
+# ---- the exactness matrix's families (tests/core/test_architectures.py) ----
+
+WINDOW = 7
+ARCH_VOCAB = 256
+
+FAMILIES = {
+    "llama": dict(),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "mistral": dict(sliding_window=WINDOW),
+    "phi3": dict(sliding_window=WINDOW, pad_token_id=0),
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=None, final_logit_softcapping=None,
+                   query_pre_attn_scalar=16),
+    "gemma3_text": dict(sliding_window=WINDOW, num_key_value_heads=1, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "olmo2": dict(),
+}
+# the families whose configs set a window (test_windows_are_where_the_config_puts_them checks it)
+WINDOWED = {"qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text"}
+
+
+def tiny_family(family: str, dtype: torch.dtype = torch.float64):
+    """``(ours, theirs)``: one random-weight model with knorm_lib's attention and the same weights
+    with transformers' ``sdpa``; 3 layers, 4 query heads, head_dim 16."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=ARCH_VOCAB, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(family, **{**fields, **FAMILIES[family]})
+    kl._register_attention()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.2)
+    theirs = copy.deepcopy(model)
+    theirs.set_attn_implementation("sdpa")
+    model.set_attn_implementation(kl.ATTN_IMPLEMENTATION)
+    kl.check_supported(model)
+    return model, theirs

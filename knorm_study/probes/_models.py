@@ -95,7 +95,7 @@ def tiny_qwen3(seed: int = 0) -> Any:
 @functools.cache
 def tiny_gemma3_global_rope() -> Any:
     """A float64 Gemma 3 text model (3 layers: two local, one global, each type its own RoPE base;
-    one KV head; QK-norm) with windows off, as knorm_lib's attention function needs today.
+    one KV head; QK-norm) with windows off (the per-layer RoPE probe's model, kept as it was).
     Shared between probes: never modify it."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -103,6 +103,24 @@ def tiny_gemma3_global_rope() -> Any:
     cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
                            sliding_window=None, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(dtype=torch.float64)
+    return _fill_weights(model, 0, 0.2).eval()
+
+
+@functools.cache
+def tiny_gemma3_windowed() -> Any:
+    """A float64 Gemma 3 text model with a sliding window of 6 (3 layers: local, global, local; one KV
+    head; QK-norm; each layer type its own RoPE base), weights as ``tiny_llama``'s.
+    Shared between probes: never modify it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kl._register_attention()
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                           sliding_window=6, query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(cfg).to(dtype=torch.float64)

@@ -206,3 +206,16 @@ def per_layer_rope() -> dict[str, Any]:
     res = kl.sweep(model, x, 20, [kl.EvalConfig(0.5, "knorm", (), "by_norm", "rerotated")])[0]
     return {"next_position": next_position, "key_sums": [m.rounded(k.sum(dim=(0, 2, 3))) for k in rot.keys],
             "key_first": [m.rounded(k[0, 0, 0, :4]) for k in rot.keys], "rerotated": _summary(res)}
+
+
+@probe("knorm_lib")
+def sliding_windows() -> dict[str, Any]:
+    """Sliding-window layers (a tiny Gemma 3, window 6, 30 tokens): the prefill protocol under both
+    layer scopes, the one-pass engine (knorm, and h2o's replay) and the per-layer-type footprint."""
+    model, x = m.tiny_gemma3_windowed(), m.ids(30, seed=13)
+    scopes = {c: kl.layers_to_skip(model, (), c) for c in kl.LAYER_SCOPES}
+    prefill = kl.sweep(model, x, 20, [kl.EvalConfig(0.5, "knorm", skip) for skip in scopes.values()])
+    return {"sliding_layers": list(kl.sliding_layers(model)), "scopes": {c: list(s) for c, s in scopes.items()},
+            "prefill": [_summary(r) for r in prefill],
+            "one_pass": _summary(kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=())),
+            "h2o": _summary(kl.streaming_ppl(model, x, "h2o", max_cache=8, skip_layers=()))}
