@@ -167,6 +167,9 @@ _GROUPED_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_gr
 # (``_over``; held by the transformers cache, ``knorm_positions``). A windowed layer appends its
 # queries' positions, so the list follows the cache as it grows.
 _KEY_POSITIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar("knorm_key_positions", default=None)
+# The one-pass engine under a cache-length numbering (``cache_relative``): a window counts cache
+# slots, not true positions (``streaming_mask``).
+_WINDOW_BY_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar("knorm_window_by_slot", default=False)
 # ``(start, hidden)``: the forward starts at layer ``start`` from ``hidden`` (``_resumed``).
 _RESUME: contextvars.ContextVar[tuple[int, torch.Tensor] | None] = contextvars.ContextVar("knorm_resume", default=None)
 
@@ -211,21 +214,29 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       "implemented by knorm_lib's attention function (load_model refuses such models)")
     q_len, k_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
-    positions = _window_positions(module.layer_idx, key, kwargs.get("position_ids"), q_len) if window else None
+    by_slot = _WINDOW_BY_SLOT.get()
+    # one pass numbered by cache lengths: an uncompressed layer's slots are the tokens' indices
+    position_ids = torch.arange(k_len - q_len, k_len, device=key.device)[None] if by_slot else kwargs.get("position_ids")
+    positions = _window_positions(module.layer_idx, key, position_ids, q_len) if window else None
     mask_fn = _MASK_FN.get()
     scale = scaling or query.shape[-1] ** -0.5
     evict = mask_fn(module.layer_idx, query, key, scale, window) if mask_fn is not None else None
     recorder = _ATTN_RECORDER.get()
+    if window and evict is None and recorder is None and q_len == k_len > 1 and key.shape[0] == 1:
+        evict = torch.full(key.shape[1:3], k_len, dtype=torch.long)   # a forward without a cache: in blocks too
     if evict is not None and recorder is None:
-        return _streaming_attention(query, key, value, evict, scaling, window and (window, positions[0][0])), None
+        return _streaming_attention(query, key, value, evict, scaling,
+                                    window and (window, positions[0][0], by_slot)), None
     mask = streaming_mask(evict.to(query.device), query.dtype) if evict is not None else None
     is_causal = False
     if window:   # a predicate on positions: 0 <= p - j < window (and, streaming, not yet evicted)
-        q_pos, k_pos = positions
-        seen = q_pos[:, None, :, None] - k_pos[:, :, None, :]   # (B, H_kv, q_len, k_len)
-        visible = (seen >= 0) & (seen < window)
-        if mask is not None:
-            visible &= mask[None] == 0
+        if evict is not None:
+            mask = streaming_mask(evict.to(query.device), query.dtype, window=(window, positions[0][0], by_slot))
+            visible = mask[None] == 0
+        else:
+            q_pos, k_pos = positions
+            seen = q_pos[:, None, :, None] - k_pos[:, :, None, :]   # (B, H_kv, q_len, k_len)
+            visible = (seen >= 0) & (seen < window)
         mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
     elif mask is None and q_len > 1:
         if q_len == k_len:
@@ -296,12 +307,12 @@ _CPU_KEY_BLOCK = 512
 
 
 def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evict: torch.Tensor,
-                         scaling: float | None, window: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+                         scaling: float | None, window: tuple[int, torch.Tensor, bool] | None = None) -> torch.Tensor:
     """Attention of ``n`` queries over their own ``n`` keys, key ``j`` visible to query ``t`` iff ``j <= t <= evict[h, j]``
-    (and, with ``window=(w, positions)``, ``positions[t] - positions[j] < w``); ``(1, n, H_q, D)``. On CPU a block of
-    queries at a time over the keys up to the block's end only (5/8 of the work at 2,048 tokens, the same bits),
-    and from the block of 512 that holds the first key in the window; a last block of one query joins the one
-    before (alone, SDPA takes another path for it, whose float32 rounding differs on some CPUs)."""
+    and within ``window`` (``streaming_mask``); ``(1, n, H_q, D)``. On CPU a block of queries at a time over the
+    keys up to the block's end only (5/8 of the work at 2,048 tokens, the same bits), and, windowed by
+    position, from the block of 512 that holds the first key in the window; a last block of one query joins
+    the one before (alone, SDPA takes another path for it, whose float32 rounding differs on some CPUs)."""
     n_kv_heads, n = evict.shape
     groups, d = query.shape[1] // n_kv_heads, query.shape[-1]
     block = _CPU_KEY_BLOCK if query.device.type == "cpu" else n
@@ -310,7 +321,7 @@ def _streaming_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     outs = []
     for start, stop in zip(starts, starts[1:] + [n]):
         first = 0
-        if window is not None:   # positions never decrease: keys before the first query's window stay unseen
+        if window is not None and not window[2]:   # positions never decrease: keys before the window stay unseen
             first = int(torch.searchsorted(window[1], window[1][start] - window[0] + 1)) // _CPU_KEY_BLOCK * _CPU_KEY_BLOCK
         mask = streaming_mask(evict[:, :stop], query.dtype, rows=(start, stop), window=window)[..., first:]
         # each KV head's query group is one batch row: the mask is never repeated per query head
@@ -383,21 +394,15 @@ def sliding_layers(model: Any) -> tuple[int, ...]:
     """The layers whose attention sees only the last ``config.sliding_window`` positions: Gemma 3's
     local layers (five in six), every layer of a Mistral or Phi-3 whose config sets a window, Qwen 2/3's
     layers from ``max_window_layers`` on with ``use_sliding_window``. A query at position ``p`` sees a
-    key at ``j`` iff ``0 <= p - j < window``; knorm_lib keeps whole caches and masks by position
-    (transformers' own sliding caches drop all but the last window, which eviction would misplace)."""
+    key at ``j`` iff ``0 <= p - j < window``, positions as numbered: true positions (``absolute``) or,
+    when new tokens are numbered by the cache's length, the cache slots that numbering implies.
+    knorm_lib keeps whole caches and masks by position (transformers' own sliding caches drop all
+    but the last window - 1 keys, which eviction would misplace)."""
     cfg = model.config
     if getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", None) is False:
         return ()
     types = getattr(cfg, "layer_types", None)
     return tuple(i for i in range(_n_layers(model)) if types is None or types[i] == "sliding_attention")
-
-
-def _check_window_numbering(model: Any, position_mode: str) -> None:
-    """A window is a distance in true positions: only ``absolute`` numbers new tokens by them."""
-    if position_mode != "absolute" and sliding_layers(model):
-        raise ValueError(f"position_mode={position_mode!r}: {type(model).__name__} has sliding-window layers, whose "
-                         "window is a distance in true positions; under this mode the model's numbering is not the "
-                         "tokens' positions, so which keys a window holds is undefined. Use 'absolute'")
 
 
 def _n_layers(model: Any) -> int:
@@ -744,11 +749,17 @@ def _rotate(keys: torch.Tensor, delta: torch.Tensor, model: Any, layer_idx: int)
     return keys * cos + rotated_half * sin
 
 
+def _slots(positions: torch.Tensor, next_position: int) -> torch.Tensor:
+    """A layer's entries (``positions``, storage order) numbered as contiguous slots ending before
+    ``next_position``: where a cache-length numbering puts them."""
+    s = positions.shape[-1]
+    return torch.arange(s, device=positions.device).expand_as(positions) + (next_position - s)
+
+
 def _to_slots(keys: torch.Tensor, rotated_at: torch.Tensor, next_position: int,
               model: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys`` (rotated at ``rotated_at``) re-rotated to contiguous slots ending before ``next_position``."""
-    s = keys.shape[2]
-    slots = torch.arange(s, device=keys.device).expand_as(rotated_at) + (next_position - s)
+    slots = _slots(rotated_at, next_position)
     return _rotate(keys, slots - rotated_at, model, layer_idx), slots
 
 
@@ -905,12 +916,16 @@ def prefill(model: Any, input_ids: torch.Tensor, capture_hidden: bool = False) -
 
 
 def _numbered(cache: KVCache, model: Any, position_mode: PositionMode) -> tuple[KVCache, int]:
-    """The cache to attend to and the next token's position under ``position_mode``."""
+    """The cache to attend to and the next token's position under ``position_mode``; its
+    ``positions`` are where the numbering puts each key (a window reads them): true positions
+    (``absolute``), or contiguous slots before the next token (``cache_relative``, ``rerotated``)."""
     _check_choice("position_mode", position_mode, POSITION_MODES)
-    _check_window_numbering(model, position_mode)
     if position_mode == "rerotated":
         return rerotate_keys(cache, model)
-    return cache, cache.seq_len if position_mode == "absolute" else min(cache.lengths())
+    if position_mode == "absolute":
+        return cache, cache.seq_len
+    start = min(cache.lengths())
+    return replace(cache, positions=[_slots(p, start) for p in cache.positions]), start
 
 
 @torch.inference_mode()
@@ -1260,17 +1275,21 @@ def dynamic_eviction_steps(query: torch.Tensor, key: torch.Tensor, scale: float,
     return evict
 
 
-def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32,
-                   rows: tuple[int, int] | None = None, window: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None,
+                   window: tuple[int, torch.Tensor, bool] | None = None) -> torch.Tensor:
     """Additive mask per KV head ``(H_kv, n, n)``: key ``j`` visible to query ``t`` iff ``j <= t <= evict[j]``;
-    ``rows=(start, stop)``: only queries ``start <= t < stop``; ``window=(w, positions)``: and
-    ``positions[t] - positions[j] < w`` (a sliding-window layer, tokens at ``positions``)."""
+    ``rows=(start, stop)``: only queries ``start <= t < stop``. A sliding-window layer,
+    ``window=(w, positions, by_slot)``: and ``positions[t] - positions[j] < w`` (tokens at ``positions``), or,
+    ``by_slot`` (new tokens numbered by the cache's length), fewer than ``w`` cached keys in ``(j, t]``:
+    the slots the model numbered, as the sequential engine holds them."""
     n_heads, n = evict.shape
     start, stop = rows or (0, n)
     t = torch.arange(start, stop, device=evict.device).view(1, stop - start, 1)
     j = torch.arange(n, device=evict.device).view(1, 1, n)
     visible = (j <= t) & (t <= evict.view(n_heads, 1, n))
-    if window is not None:
+    if window is not None and window[2]:
+        visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]   # cached keys in [j, t]
+    elif window is not None:
         pos = window[1].to(evict.device)
         visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]
     return torch.where(visible, 0.0, float("-inf")).to(dtype)
@@ -1318,7 +1337,9 @@ def _stream_one_pass(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budget
     position_ids = _query_positions(budget, cfg.position_mode, any_compressed)[None].to(model.device)
     inputs: dict[int, dict] = {}   # each layer's inputs, for a policy that scores them
     capture = _capture_layer_inputs(model, inputs) if needs_layer_inputs(cfg.policy) else contextlib.nullcontext()
-    with _using(_MASK_FN, mask_fn), _resumed(reference, skip, cfg.position_mode == "absolute"), capture:
+    by_slot = cfg.position_mode != "absolute"   # a window counts the slots the numbering implies
+    with _using(_MASK_FN, mask_fn), _using(_WINDOW_BY_SLOT, by_slot), \
+            _resumed(reference, skip, cfg.position_mode == "absolute"), capture:
         logits = model(input_ids=ids.to(model.device), position_ids=position_ids, use_cache=False).logits[0]
     return logits, evictions
 
@@ -1355,7 +1376,9 @@ def _stream_sequential(model: Any, ids: torch.Tensor, cfg: StreamingConfig, budg
     with recording_attention(record if cfg.policy in DYNAMIC_POLICIES else None):
         for t in _progress(range(n), "streaming (sequential)", progress):
             position = t if cfg.position_mode == "absolute" or not any_compressed else next_position
-            cache.knorm_positions = list(pos)   # absolute: the original indices are the positions
+            # where the numbering puts each cached key: absolute, the original indices; else cache slots
+            cache.knorm_positions = [p if p is None or cfg.position_mode == "absolute" else _slots(p, position)
+                                     for p in pos]
             with _over(cache):
                 out = model(input_ids=ids[:, t:t + 1].to(model.device), past_key_values=cache, use_cache=True,
                             position_ids=torch.full((n_rows, 1), position, device=model.device))
@@ -1405,7 +1428,6 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
     skip = tuple(sorted(_check_skip_layers(skip_layers, _n_layers(model))))
     _check_choice("order", order, ORDERS)
     _check_choice("position_mode", position_mode, POSITION_MODES)
-    _check_window_numbering(model, position_mode)
     budget = budget_schedule(n, keep_ratio, max_cache, prune_after)
     _require(isinstance(recent_window, int) and not isinstance(recent_window, bool) and recent_window >= 0,
              "recent_window", recent_window, "an int >= 0")
@@ -1418,6 +1440,10 @@ def _streaming_config(model: Any, n: int, policy: str = "knorm", keep_ratio: flo
              f"'one_pass' with policy={policy!r} (it scores the layer's inputs, which the one-pass forward has)")
     if engine == "one_pass" and position_mode == "rerotated":
         raise ValueError("engine='one_pass': position_mode='rerotated' moves keys every step; use engine='sequential'")
+    _require(engine == "sequential" or position_mode == "absolute" or policy not in DYNAMIC_POLICIES
+             or not sliding_layers(model), "engine", engine, f"'sequential' for policy={policy!r} with "
+             f"position_mode={position_mode!r} on a model with sliding windows (the one-pass replay counts "
+             "windows in true positions)")
     return StreamingConfig(policy, keep_ratio, max_cache, skip, order, position_mode, engine, seed, n_sink,
                            prune_after, recent_window), budget
 

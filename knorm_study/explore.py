@@ -83,11 +83,6 @@ class Explorer:
         return options
 
     @staticmethod
-    def position_modes(model: Any) -> list[str]:
-        """The positions menu: every mode, or only ``absolute`` where windows need true positions."""
-        return ["absolute"] if kl.sliding_layers(model) else list(kl.POSITION_MODES)
-
-    @staticmethod
     def check_setting(model: Any, keep_ratio: float, policy: str, skip_layers: Sequence[int],
                       position_mode: str, layer: int, kv_head: int, max_tokens: int) -> None:
         """Every explorer parameter against the model and the controls, before any prefill: a
@@ -367,7 +362,7 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
     if tuple(skip_layers) not in [value for _, value in skip_options]:
         skip_options.append((str(tuple(skip_layers)), tuple(skip_layers)))
     w_skip = widgets.Dropdown(options=skip_options, value=tuple(skip_layers), description="skip_layers")
-    w_mode = widgets.Dropdown(options=Explorer.position_modes(model), value=position_mode, description="positions")
+    w_mode = widgets.Dropdown(options=list(kl.POSITION_MODES), value=position_mode, description="positions")
     w_layer = widgets.IntSlider(value=layer, min=0, max=kl._n_layers(model) - 1, description="layer")
     w_head = widgets.IntSlider(value=kv_head, min=0, max=model.config.num_key_value_heads - 1, description="KV head")
     w_text = widgets.Textarea(value=explorer.text[:3000], layout=widgets.Layout(width="100%", height="80px"))

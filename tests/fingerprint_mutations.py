@@ -73,8 +73,8 @@ MUTATIONS: list[Mutation] = [
       "recent window one token wider"),
     M(L, "rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)",
       "rotated_half = torch.cat((keys[..., half:], -keys[..., :half]), dim=-1)", "re-rotation turns the wrong way"),
-    M(L, 'cache.seq_len if position_mode == "absolute" else min(cache.lengths())',
-      'cache.seq_len if position_mode == "absolute" else max(cache.lengths())', "cache_relative numbers from the longest layer"),
+    M(L, "    start = min(cache.lengths())\n    return replace(", "    start = max(cache.lengths())\n    return replace(",
+      "cache_relative numbers from the longest layer"),
     M(L, '"mean_cache_fraction": compressed * kept_fraction + (1 - compressed)}',
       '"mean_cache_fraction": compressed * kept_fraction}', "cache fraction forgets the skipped layers"),
     M(L, "if len(set(skip_layers)) >= _n_layers(model):", "if len(set(skip_layers)) > _n_layers(model):",
@@ -99,6 +99,13 @@ MUTATIONS: list[Mutation] = [
       "return tuple(sorted(skip))", "layers_to_skip: the global rule compresses the local layers too"),
     M(L, "pos.shape[0] * pos.shape[1] * min(seq_len, window - 1)", "pos.shape[0] * pos.shape[1] * min(seq_len, window)",
       "footprint: a local layer offers its whole window"),
+    M(L, "visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]",
+      "visible &= visible.flip(-1).cumsum(-1).flip(-1) < window[0]", "one pass by cache slots: a window one key short"),
+    M(L, "return replace(cache, positions=[_slots(p, start) for p in cache.positions]), start", "return cache, start",
+      "cache_relative continuation: a window over true positions instead of cache slots"),
+    M(L, 'cache.knorm_positions = [p if p is None or cfg.position_mode == "absolute" else _slots(p, position)',
+      "cache.knorm_positions = [p if True else _slots(p, position)",
+      "sequential engine: a cache-length numbering's window over true positions"),
 ]
 
 _INTERVALS = (Path(__file__).resolve().parents[1] / "knorm_study" / "intervals.py").read_text()

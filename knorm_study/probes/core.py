@@ -211,11 +211,17 @@ def per_layer_rope() -> dict[str, Any]:
 @probe("knorm_lib")
 def sliding_windows() -> dict[str, Any]:
     """Sliding-window layers (a tiny Gemma 3, window 6, 30 tokens): the prefill protocol under both
-    layer scopes, the one-pass engine (knorm, and h2o's replay) and the per-layer-type footprint."""
+    layer scopes, the one-pass engine (knorm, and h2o's replay), the per-layer-type footprint, and
+    the cache-length numberings (windows over cache slots) in both protocols."""
     model, x = m.tiny_gemma3_windowed(), m.ids(30, seed=13)
     scopes = {c: kl.layers_to_skip(model, (), c) for c in kl.LAYER_SCOPES}
     prefill = kl.sweep(model, x, 20, [kl.EvalConfig(0.5, "knorm", skip) for skip in scopes.values()])
     return {"sliding_layers": list(kl.sliding_layers(model)), "scopes": {c: list(s) for c, s in scopes.items()},
             "prefill": [_summary(r) for r in prefill],
             "one_pass": _summary(kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=())),
-            "h2o": _summary(kl.streaming_ppl(model, x, "h2o", max_cache=8, skip_layers=()))}
+            "h2o": _summary(kl.streaming_ppl(model, x, "h2o", max_cache=8, skip_layers=())),
+            "cache_relative": [_summary(kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=(), engine=engine,
+                                                         position_mode="cache_relative"))
+                               for engine in ("one_pass", "sequential")],
+            "numbered_prefill": [_summary(r) for r in kl.sweep(model, x, 20, [
+                kl.EvalConfig(0.5, "knorm", (), "original", mode) for mode in ("cache_relative", "rerotated")])]}

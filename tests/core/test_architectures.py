@@ -119,6 +119,9 @@ def teacher_forced_decode(model, x, context_len, keep_ratio, skip_layers=()):
 class Reference:
     """Token by token, each layer attends over its own store of (key, value, true position) with an
     explicit float64 softmax; a windowed layer sees key j from position p iff 0 <= p - j < window.
+    ``numbering="cache"``: each token is fed at the position its layer-0 store's length gives, and a
+    window counts stored keys (the newest window - 1 and the token itself), as a model handed a
+    compressed cache without positions numbers them.
     After chosen steps every layer keeps, per KV head, the lowest key norms, in float32 as KnormPress
     (and kvpress) computes them (ties: the newest).
     Shares no code with knorm_lib's engines: transformers computes the projections, RoPE and QK-norm,
@@ -126,18 +129,22 @@ class Reference:
 
     name = "knorm_test_reference"
 
-    def __init__(self, model):
+    def __init__(self, model, numbering: str = "true"):
         from transformers import AttentionInterface
 
+        self.numbering = numbering
         AttentionInterface.register(self.name, self.attend)
-        self.model = copy.deepcopy(model)
+        # built afresh from the config and the weights: a deepcopy would carry the library's
+        # per-instance patches (_make_resumable's layer forwards, bound to the original model)
+        self.model = type(model)(copy.deepcopy(model.config)).to(model.dtype).eval()
+        self.model.load_state_dict(model.state_dict())
         self.model.set_attn_implementation(self.name)
         self.store: dict[int, list[torch.Tensor]] = {}
         self.evicted_at: dict[int, dict[tuple[int, int], int]] = {}
 
     def attend(self, module, query, key, value, mask, scaling=None, sliding_window=None, position_ids=None, **kw):
         i, p = module.layer_idx, int(position_ids[0, 0])
-        pos = torch.tensor([p]).expand(key.shape[1], 1)
+        pos = torch.tensor([self.t]).expand(key.shape[1], 1)   # the token's index: storage keeps their order
         if i in self.store:
             keys, values, positions = self.store[i]
             key, value, pos = torch.cat([keys, key], 2), torch.cat([values, value], 2), torch.cat([positions, pos], 1)
@@ -145,6 +152,8 @@ class Reference:
         groups = query.shape[1] // key.shape[1]
         k, v = key.repeat_interleave(groups, 1).double(), value.repeat_interleave(groups, 1).double()
         scores = query.double() @ k.transpose(-1, -2) * scaling
+        if self.numbering == "cache":   # storage slots: the newest is p, the oldest p - (stored - 1)
+            pos = torch.arange(p - key.shape[2] + 1, p + 1).expand(key.shape[1], -1)
         distance = p - pos.repeat_interleave(groups, 0)[None, :, None, :]
         visible = (distance >= 0) & (distance < (sliding_window or math.inf))
         probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
@@ -169,7 +178,9 @@ class Reference:
         """Per-token NLL of tokens 1..n-1; after step t every layer keeps ``budget_after(t)`` (None: all)."""
         logits = []
         for t in range(x.shape[1] - 1):
-            out = self.model(input_ids=x[:, t:t + 1], position_ids=torch.tensor([[t]]), use_cache=False)
+            self.t = t
+            p = t if self.numbering == "true" else (self.store[0][0].shape[2] if self.store else 0)
+            out = self.model(input_ids=x[:, t:t + 1], position_ids=torch.tensor([[p]]), use_cache=False)
             logits.append(out.logits[0, -1])
             if budget_after(t) is not None:
                 self.evict(t, budget_after(t))
@@ -226,14 +237,42 @@ def test_softcapping_is_refused_by_name(tmp_path):
         kl.load_model(tmp_path / "gemma2")
 
 
-def test_other_numberings_are_refused_on_windowed_models():
-    """A window is a distance in true positions: cache_relative and rerotated are refused by name."""
+def test_cache_length_numbering_counts_cache_slots(family, models):
+    """The write-up's numbering (new tokens from the cache's length) on a windowed model: a window
+    counts the slots that numbering implies. The one-pass and sequential engines and the prefill
+    protocol equal the reference fed the same way, within 1e-9 (float64)."""
+    model, _ = models
+    x = ids()
+    stream_ref = Reference(model, "cache").run(x, lambda t: max(1, int((t + 1) * 0.5)))
+    for engine in ("one_pass", "sequential"):
+        res = kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=(), position_mode="cache_relative", engine=engine)
+        assert_rel(res.nll, stream_ref, 1e-9, f"{family} cache_relative {engine}")
+    n_keep = kl.n_kept_for(CONTEXT, 0.5)
+    prefill_ref = Reference(model, "cache").run(x, lambda t: n_keep if t == CONTEXT - 1 else None)[CONTEXT:]
+    res = kl.prefill_ppl(model, x, CONTEXT, 0.5, skip_layers=(), position_mode="cache_relative")
+    assert_rel(res.nll, prefill_ref, 1e-9, f"{family} cache_relative prefill")
+
+
+def test_rerotation_without_eviction_is_the_true_positions(family, models):
+    """Re-rotated keys sit in slots; with nothing evicted the slots are the true positions, so the
+    window sees what it sees under absolute positions (prefill protocol and sequential engine)."""
+    model, _ = models
+    x = ids()
+    for kwargs in (dict(skip_layers=()), dict(skip_layers=(0,))):
+        absolute = kl.prefill_ppl(model, x, CONTEXT, 1.0, **kwargs).nll
+        rerotated = kl.prefill_ppl(model, x, CONTEXT, 1.0, position_mode="rerotated", **kwargs).nll
+        assert_rel(rerotated, absolute, 1e-9, f"{family} rerotated prefill {kwargs}")
+    seq = kl.streaming_ppl(model, x, keep_ratio=1.0, position_mode="rerotated", engine="sequential")
+    assert_rel(seq.nll, kl.streaming_ppl(model, x, keep_ratio=1.0).nll, 1e-9, f"{family} rerotated sequential")
+
+
+def test_h2o_one_pass_replay_under_cache_numbering_is_refused_on_windowed_models():
+    """h2o's one-pass replay counts windows in true positions: with the cache-length numbering on a
+    windowed model it is refused, naming the engine (the sequential engine runs it)."""
     model, _ = tiny("gemma3_text")
-    for mode in ("cache_relative", "rerotated"):
-        with pytest.raises(ValueError, match=f"position_mode='{mode}'.*sliding-window"):
-            kl.prefill_ppl(model, ids(), CONTEXT, 0.5, position_mode=mode)
-        with pytest.raises(ValueError, match=f"position_mode='{mode}'.*sliding-window"):
-            kl.streaming_ppl(model, ids(), keep_ratio=0.5, position_mode=mode, engine="sequential")
+    with pytest.raises(ValueError, match="engine='one_pass'.*sliding windows"):
+        kl.streaming_ppl(model, ids(), "h2o", max_cache=12, position_mode="cache_relative", engine="one_pass")
+    kl.streaming_ppl(model, ids(), "h2o", max_cache=12, position_mode="cache_relative", engine="sequential")
 
 
 def test_a_cache_without_positions_is_refused_on_a_windowed_layer():
@@ -251,10 +290,13 @@ def test_a_cache_without_positions_is_refused_on_a_windowed_layer():
 
 def test_one_pass_window_across_key_blocks():
     """1,100 tokens, a window of 300 and 64 kept tokens per head: the one-pass engine's CPU blocks
-    start at the key block holding each query block's window; it still equals the reference."""
-    model, _ = tiny("mistral")
-    model.config.sliding_window = 300
+    (and a plain forward's) start at the key block holding each query block's window; the forward
+    equals transformers' sdpa, the engine the reference."""
+    model, theirs = tiny("mistral")
+    model.config.sliding_window = theirs.config.sliding_window = 300
     x = torch.randint(0, VOCAB, (1, 1100), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():   # a forward without a cache runs in the same blocks
+        assert_rel(nll_of(kl.full_logits(model, x), x), nll_of(theirs(x).logits[0], x), 1e-10, "1,100 tokens, sdpa")
     ref_nll = Reference(model).run(x, lambda t: min(t + 1, 64))
     one = kl.streaming_ppl(model, x, max_cache=64, skip_layers=(), engine="one_pass")
     assert_rel(one.nll, ref_nll, 1e-9, "mistral window 300, 1,100 tokens")

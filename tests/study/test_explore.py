@@ -83,17 +83,16 @@ def test_highlight_and_curve_show_two_policies():
     assert "only knorm" in html and "only random" in html and "by neither" in html
 
 
-def test_on_a_windowed_model_the_menus_offer_global_layers_and_true_positions():
+def test_on_a_windowed_model_the_skip_menu_offers_the_global_layers():
     """On a hybrid model (a tiny Gemma 3: local, global, local) the skip_layers menu adds the
-    global-only rule and the positions menu holds only ``absolute``; the grid point of the
-    global-only setting equals a full recompute and keeps the local layers whole."""
+    global-only rule; the grid point of the global-only setting equals a full recompute and keeps
+    the local layers whole."""
     from helpers import tiny_family
     from knorm_study.probes._models import tiny_llama
 
     model, _ = tiny_family("gemma3_text")
     options = dict(explore.Explorer.skip_options(model))
     assert options["global layers only"] == (0, 2) and options["global, not (0, 1)"] == (0, 1, 2)
-    assert explore.Explorer.position_modes(model) == ["absolute"]
     assert "global layers only" not in dict(explore.Explorer.skip_options(tiny_llama()))
     ex = explore.Explorer(model, _ByteTokenizer(), " ".join(f"word{i % 50}" for i in range(200)), max_tokens=64,
                           n_generate=4)
