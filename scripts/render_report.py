@@ -454,6 +454,14 @@ def section_benchmarks() -> str:
     return ("## Benchmarks (benchmarks/, last recorded run)\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+def section_kvpress_architectures() -> str:
+    """kvpress's KnormPress on Gemma 3 and Qwen 3 (``knorm_study.kvpress_architectures``), if recorded."""
+    from knorm_study import kvpress_architectures
+
+    path = RESULTS / "benchmarks" / "kvpress_architectures.json"
+    return kvpress_architectures.report_section(json.loads(path.read_text())) if path.exists() else ""
+
+
 def section_07(res: dict) -> tuple[str, str]:
     from knorm_study import claims
 
@@ -504,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         body, headline = render(res)
         bodies.append(body)
         headlines.append(headline)
-    for extra in ((section_06_gpu(), section_benchmarks()) if args.model is None else ()):
+    for extra in ((section_06_gpu(), section_kvpress_architectures(), section_benchmarks()) if args.model is None else ()):
         if extra:
             bodies.append(extra)
     if not bodies:
