@@ -32,14 +32,20 @@ browser:
 test: data browser
 	$(PY) -m pytest -q tests
 
-# Any model, device and dtype: make report MODEL=<hub id or local path> DEVICE=cuda DTYPE=bfloat16 PROFILE=paper
-# (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU paper run;
-# LEDGER=1 runs only what the claims ledger reads: 02, 04 and 07 with the variants its rows use;
-# FORCE=1 reruns every notebook, unchanged or not).
+# Any model, device and dtype: make report MODEL=<hub id, local path or gemma-3-270m> DEVICE=cuda DTYPE=bfloat16
+# PROFILE=paper (results under the model's slug, its report in reports/<slug>/; YES=1 confirms a long CPU
+# paper run; LEDGER=1 runs only what the claims ledger reads: 02, 04 and 07 with the variants its rows use;
+# FORCE=1 reruns every notebook, unchanged or not). Without MODEL: the embedded SmolLM2, then each of the
+# other embedded models in EMBEDDED (its results under its slug), each skipping what is unchanged;
+# EMBEDDED= leaves them out.
+EMBEDDED ?= gemma-3-270m
+REPORT_FLAGS = --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) \
+  $(if $(YES),--yes) $(if $(LEDGER),--ledger) $(if $(FORCE),--force)
 report: data
-	$(PY) scripts/run_report.py --profile $(PROFILE) $(if $(MODEL),--model "$(MODEL)") \
-	  $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(YES),--yes) $(if $(LEDGER),--ledger) \
-	  $(if $(FORCE),--force)
+	@rc=0; \
+	$(PY) scripts/run_report.py $(REPORT_FLAGS) $(if $(MODEL),--model "$(MODEL)") || rc=1; \
+	$(if $(MODEL),,for m in $(EMBEDDED); do $(PY) scripts/run_report.py $(REPORT_FLAGS) --model "$$m" || rc=1; done;) \
+	exit $$rc
 
 # Is every committed record still what today's code computes? (its behavioural identity; exit 1 naming
 # each stale record and the probe that moved)

@@ -881,6 +881,18 @@ class Prefill:
     layer_inputs: dict[int, dict] | None = None     # per layer: module, hidden_states, position_embeddings
 
 
+class _LayerRotary(torch.nn.Module):
+    """One layer type's rotary embedding, called as kvpress's presses call a layer's
+    ``rotary_emb(x, position_ids)`` (a model with one RoPE per layer type takes the type too)."""
+
+    def __init__(self, rotary: torch.nn.Module, layer_type: str) -> None:
+        super().__init__()
+        self.rotary, self.layer_type = rotary, layer_type
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(x, position_ids, self.layer_type)
+
+
 @contextlib.contextmanager
 def _capture_layer_inputs(model: Any, store: dict[int, dict]) -> Iterator[None]:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -888,9 +900,11 @@ def _capture_layer_inputs(model: Any, store: dict[int, dict]) -> Iterator[None]:
         store[module.layer_idx] = {"module": module, "hidden_states": hidden,
                                    "position_embeddings": kwargs.get("position_embeddings")}
 
-    for layer in _layers(model):  # some presses (ExpectedAttention) read RoPE from the layer, as kvpress arranges
+    rotary = model.model.rotary_emb
+    for i, layer in enumerate(_layers(model)):  # some presses (ExpectedAttention) read RoPE from the layer, as kvpress arranges
         if not hasattr(layer.self_attn, "rotary_emb"):
-            layer.self_attn.rotary_emb = model.model.rotary_emb
+            per_type = getattr(rotary, "layer_types", None)   # Gemma 3: the layer's own type's RoPE
+            layer.self_attn.rotary_emb = _LayerRotary(rotary, model.config.layer_types[i]) if per_type else rotary
     handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in _layers(model)]
     try:
         yield

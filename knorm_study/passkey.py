@@ -61,7 +61,8 @@ def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: str) 
     The filler (``PASSKEY_FILLER`` repeated, cut to length at the token level) surrounds the line
     "The pass key is KEY. Remember it. KEY is the pass key.", inserted at the sentence boundary
     nearest ``depth`` (0.0: first, 1.0: last) of the filler. The user turn is wrapped in the
-    tokenizer's chat template when it has one (plain text otherwise)."""
+    tokenizer's chat template when it has one (plain text otherwise); BOS first where the tokenizer
+    declares it (``kl.bos_first``)."""
     if not isinstance(key, str) or not key.isdigit():
         raise ValueError(f"key={key!r}: must be a non-empty string of digits")
     if not isinstance(depth, numbers.Real) or isinstance(depth, bool) or not 0.0 <= depth <= 1.0:
@@ -78,6 +79,9 @@ def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: str) 
         head, tail = "", PASSKEY_QUESTION + "\n"
     ids = lambda s: tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     head_ids = ids(head + PASSKEY_INTRO)
+    bos = kl.bos_first(tokenizer)   # BOS first where the tokenizer declares it (unless its template put it there)
+    if bos is not None and (len(head_ids) == 0 or head_ids[0].item() != bos):
+        head_ids = torch.cat([torch.tensor([bos], dtype=head_ids.dtype), head_ids])
     key_line = ids(f" The pass key is {key}. Remember it. {key} is the pass key.")
     unit = ids(PASSKEY_FILLER)
     n_filler = context_tokens - len(head_ids) - len(key_line)

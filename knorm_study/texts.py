@@ -14,8 +14,8 @@ import torch
 
 import knorm_lib as kl
 
-EXPORTED = ("Document", "CORPORA", "file_sha256", "verified_corpus_path", "load_corpus", "encode", "TokenizedDoc",
-            "long_documents", "_VERIFIED_CORPORA")
+EXPORTED = ("Document", "CORPORA", "file_sha256", "verified_corpus_path", "load_corpus", "bos_first", "encode",
+            "TokenizedDoc", "long_documents", "_VERIFIED_CORPORA")
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,27 @@ def load_corpus(name: Literal["wiki", "news"] = "wiki") -> list[Document]:
     return [Document(r["title"], r["text"], r.get("n_tokens")) for r in rows]
 
 
+def bos_first(tokenizer: Any) -> int | None:
+    """The BOS id a text's tokens start with: the tokenizer's ``bos_token_id`` when it declares
+    ``add_bos_token`` (the embedded Gemma 3: ``load_model`` sets it from the tokenizer's config),
+    else ``None`` (SmolLM2: its text starts with its first word)."""
+    if getattr(tokenizer, "add_bos_token", False) is not True:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if isinstance(bos, int) else None
+
+
 def encode(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of ``text`` as a ``(1, n)`` LongTensor (no special tokens added), cut to ``max_tokens``."""
+    """Token ids of ``text`` as a ``(1, n)`` LongTensor, cut to ``max_tokens``: BOS first when the
+    tokenizer declares it (``bos_first``), no other special token."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text: empty text has no tokens to evaluate")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    bos = bos_first(tokenizer)
+    if bos is not None:
+        ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
     return ids[:, :max_tokens] if max_tokens is not None else ids
 
 
@@ -91,8 +105,9 @@ class TokenizedDoc:
 
 
 def long_documents(tokenizer: Any, corpus: Literal["wiki", "news"], n_tokens: int, n_docs: int) -> list[TokenizedDoc]:
-    """``n_docs`` token sequences of exactly ``n_tokens``, deterministic: ``wiki``, the longest articles
-    (cut); ``news`` (about 250 tokens each), consecutive articles joined by blank lines."""
+    """``n_docs`` token sequences of exactly ``n_tokens`` (BOS included where ``encode`` puts one),
+    deterministic: ``wiki``, the longest articles (cut); ``news`` (about 250 tokens each),
+    consecutive articles joined by blank lines."""
     if not isinstance(n_tokens, int) or n_tokens < 2:
         raise ValueError(f"n_tokens={n_tokens!r}: must be an int >= 2")
     if not isinstance(n_docs, int) or n_docs < 1:

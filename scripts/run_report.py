@@ -50,6 +50,9 @@ NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
 # the library code (knorm_lib.py, knorm_study/) is not hashed: the records' behavioural identity covers it
 HASHED_INPUTS = ("scripts/notebook_runner.py", "data/manifest.json", "requirements.txt")
+# ... and, for a run on the embedded Gemma (``--model gemma-3-270m``), its own data manifest (only
+# there: the embedded SmolLM2's stamps keep the inputs they had)
+MODEL_MANIFESTS = {"gemma-3-270m": "data/manifest-gemma-3-270m.json"}
 # the committed results (KNORM_RESULTS_DIR elsewhere: what the tests use)
 RESULTS = Path(os.environ.get("KNORM_RESULTS_DIR", ROOT / "data" / "results")).resolve()
 # `--ledger`: only the notebooks and variants the claims ledger (07) reads, so a paper-scale ledger
@@ -66,10 +69,26 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
-def notebook_inputs(notebook: Path, profile: str, slug: str | None = None) -> list[Path]:
+def model_manifest(model_name: str | None) -> Path | None:
+    """The data manifest of the embedded model ``model_name`` names (its short name or its folder),
+    if it has one of its own (``MODEL_MANIFESTS``)."""
+    import knorm_lib as kl
+
+    if model_name is None:
+        return None
+    for short, manifest in MODEL_MANIFESTS.items():
+        folder = kl.embedded_model_dir(short)
+        name = str(model_name)
+        if name == short or (kl._looks_like_path(name) and Path(name).expanduser().resolve() == folder.resolve()):
+            return ROOT / manifest
+    return None
+
+
+def notebook_inputs(notebook: Path, profile: str, slug: str | None = None, model_name: str | None = None) -> list[Path]:
     """What a notebook's results depend on besides the library code: itself, the runner, the data
-    manifest and the pins; for the claims ledger also the recorded results it reads (so it reruns
-    after any of them)."""
+    manifest and the pins (and the manifest of the embedded model ``model_name`` names, where it
+    has its own: ``model_manifest``); for the claims ledger also the recorded results it reads (so
+    it reruns after any of them)."""
     import nbformat
 
     from knorm_study import fingerprint
@@ -80,7 +99,8 @@ def notebook_inputs(notebook: Path, profile: str, slug: str | None = None) -> li
         from knorm_study import claims
 
         read = [RESULTS / nb / (slug or "") / f"{profile}.json" for nb in claims.SOURCES.values()]
-    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *read]
+    own = model_manifest(model_name)
+    return [notebook, *(ROOT / p for p in HASHED_INPUTS), *([own] if own is not None else []), *read]
 
 
 def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None = None, slug: str | None = None) -> str:
@@ -91,7 +111,7 @@ def input_hash(notebook: Path, profile: str, parameters: dict[str, Any] | None =
     h = hashlib.sha256(profile.encode())
     if parameters and set(parameters) != {"profile"}:
         h.update(json.dumps(parameters, sort_keys=True).encode())
-    for path in notebook_inputs(notebook, profile, slug):
+    for path in notebook_inputs(notebook, profile, slug, (parameters or {}).get("model_name")):
         h.update(_shown(path).encode())
         if not path.exists():
             h.update(b"<missing>")
@@ -251,9 +271,13 @@ def preflight(args: argparse.Namespace, notebooks: list[Path]) -> None:
     from transformers import AutoConfig
 
     name = str(args.model)
+    embedded = kl.embedded_model_dir(name)
+    if embedded is not None and not (embedded / "model.safetensors").is_file():
+        raise SystemExit(f"--model {name}: the embedded model is not at {embedded}; run `make data` first")
     if kl._looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise SystemExit(f"--model {name}: no model directory with a config.json there")
-    source = str(Path(name).expanduser()) if kl._looks_like_path(name) else name
+    source = (str(embedded) if embedded is not None
+              else str(Path(name).expanduser()) if kl._looks_like_path(name) else name)
     try:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -277,7 +301,8 @@ def model_slug(args: argparse.Namespace) -> str | None:
 
     if args.model is None and args.device == "cpu" and args.dtype in (None, "float32"):
         return None
-    name = str(kl.DEFAULT_MODEL_DIR) if args.model is None else str(args.model)
+    embedded = kl.embedded_model_dir(args.model)   # None: the default; "gemma-3-270m": its folder
+    name = str(embedded) if embedded is not None else str(args.model)
     source = str(Path(name).expanduser()) if kl._looks_like_path(name) else name
     on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     stand_in = types.SimpleNamespace(name_or_path=source, dtype=getattr(torch, runtime.model_dtype(args.dtype, args.device)),
@@ -500,7 +525,8 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], pending: d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="full", choices=list(runtime.PROFILES))
-    ap.add_argument("--model", help="a Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="a Hugging Face id, a local path or an embedded model's short name "
+                                    "(gemma-3-270m; default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     ap.add_argument("--dtype", help=f"one of {', '.join(runtime.DTYPES)} (default: float32 on a CPU, bfloat16 on CUDA)")
     ap.add_argument("--yes", action="store_true", help="run a CPU paper profile even when estimated over an hour")

@@ -373,8 +373,9 @@ def test_07_recorded_numbers(executed):
 
 
 def test_one_command_runs_every_notebook_on_another_architecture(tmp_path, monkeypatch, capsys):
-    """`make report MODEL=<dir> PROFILE=quick` (run_report.main) on a tiny random-weight Qwen2
-    checkpoint (another architecture, not the embedded model): the estimate is printed first, every
+    """`make report MODEL=<dir> PROFILE=quick` (run_report.main) on a tiny random-weight Gemma 3
+    checkpoint (another architecture, not the embedded model: sliding windows of 64 crossed by the
+    notebooks' texts, a global layer with its own RoPE, QK-norm, one KV head): the estimate is printed first, every
     notebook runs to its findings and records under the model's slug (the embedded model's paths
     untouched), names no SmolLM2 in what it prints, the model's report is rendered, README.md is
     left alone, and the kernel's TCP warning never reaches the screen."""
@@ -382,7 +383,9 @@ def test_one_command_runs_every_notebook_on_another_architecture(tmp_path, monke
     import run_report
     from helpers import _save
 
-    path = _save(tmp_path, "qwen2", dict(num_hidden_layers=4, max_position_embeddings=2048))
+    path = _save(tmp_path, "gemma3_text", dict(num_hidden_layers=4, max_position_embeddings=2048, head_dim=16,
+                                                num_key_value_heads=1, query_pre_attn_scalar=16, sliding_window=64,
+                                                layer_types=["sliding_attention"] * 3 + ["full_attention"]))
     results, reports = tmp_path / "results", tmp_path / "reports"
     for module, name, value in ((run_report, "RESULTS", results), (render_report, "RESULTS", results),
                                 (render_report, "REPORTS", reports)):
@@ -394,13 +397,13 @@ def test_one_command_runs_every_notebook_on_another_architecture(tmp_path, monke
     assert len(re.findall(r"done in \d+ s \(estimated \d+ s\)", screen.out)) == len(NOTEBOOKS)   # each beside its estimate
     assert "without encryption" not in screen.out + screen.err
     for nb in NOTEBOOKS:
-        recorded = json.loads((results / nb.stem / "qwen2" / "quick.json").read_text())
-        assert recorded["identity"]["model_slug"] == "qwen2" and recorded["identity"]["model_name"] == path
+        recorded = json.loads((results / nb.stem / "gemma3_text" / "quick.json").read_text())
+        assert recorded["identity"]["model_slug"] == "gemma3_text" and recorded["identity"]["model_name"] == path
         assert not (results / nb.stem / "quick.json").exists()
-        out = nbformat.read(ROOT / "build" / "notebooks" / "qwen2" / "quick" / nb.name, as_version=4)
+        out = nbformat.read(ROOT / "build" / "notebooks" / "gemma3_text" / "quick" / nb.name, as_version=4)
         printed = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
                           for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
         assert "SmolLM2" not in printed, nb.stem
-    report = (reports / "qwen2" / "REPORT-quick.md").read_text()
-    assert report.startswith("# knorm-study report (qwen2, quick profile)") and "## 07 · The claims ledger" in report
+    report = (reports / "gemma3_text" / "REPORT-quick.md").read_text()
+    assert report.startswith("# knorm-study report (gemma3_text, quick profile)") and "## 07 · The claims ledger" in report
     assert (ROOT / "README.md").read_text() == readme

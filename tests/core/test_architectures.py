@@ -346,3 +346,17 @@ def test_the_readme_model_table_lists_every_family():
     for family, name in names.items():
         row = next(line for first, line in rows.items() if first.startswith(name))
         assert row.split("|")[3].strip().startswith("refused" if family == "gemma2" else "exact"), row
+
+
+def test_kvpress_presses_read_each_layer_types_rope():
+    """kvpress's ExpectedAttentionPress reads RoPE from the layer (``rotary_emb(x, position_ids)``): on
+    Gemma 3 each layer gets its own type's (local base 10k, global 1M), and the press runs."""
+    model, _ = tiny("gemma3_text")
+    res = kl.prefill_ppl(model, ids(), CONTEXT, 0.5, "expected_attention", skip_layers=())
+    assert math.isfinite(res.ppl)
+    x, pos = torch.zeros(1, 3, 16, dtype=torch.float64), torch.arange(3)[None]
+    for layer, kind in zip(model.model.layers, model.config.layer_types):
+        cos, _ = layer.self_attn.rotary_emb(x, pos)
+        assert torch.equal(cos, model.model.rotary_emb(x, pos, kind)[0])
+    assert not torch.equal(model.model.layers[0].self_attn.rotary_emb(x, pos)[0],
+                           model.model.layers[1].self_attn.rotary_emb(x, pos)[0])
