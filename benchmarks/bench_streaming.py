@@ -18,11 +18,27 @@ reference, knorm at keep_ratio 0.5, both engines in the same run (bar: one-pass 
 PPLs equal to 1e-3 relative), the one-pass time from 512 to 4,096 tokens, and its peak resident
 memory at 4,096 tokens in a fresh child process (bar: < 6 GB).
 
+Part 3 (``--skip-architectures`` leaves it out; ``--architectures-only`` runs it alone, prints its
+line and writes no record): the one-pass engine on each architecture family ``check_supported``
+accepts, sliding windows crossed. Per family a random-weight float32 model built from its
+transformers config class with knorm_lib's attention (6 layers, hidden 256, 4 query heads of 64,
+2 KV heads, vocab 8,192; window 512 where the family has one: Mistral and Phi-3 every layer,
+Qwen 2/3 layers 3-5, Gemma 3 five local layers to one global with 1 KV head; Llama and OLMo 2
+none), 2,048 random token ids, knorm at keep_ratio 0.5 with part 1's reference (a
+``reference_forward`` holding layer 2's input, so the run starts there), timed in one process
+next to the plain forward (``kl.full_logits``, the same model and attention function; bar
+<= 1.25x, part 1's score-fixed bar). In the same rounds: the one-pass run with the reference's
+logits only (every layer runs: with 6 layers, starting at layer 2 skips a third of them, on
+SmolLM2 a fifteenth) and transformers' own ``sdpa`` forward of the same weights (what a windowed
+layer's plain forward costs outside knorm_lib). Gemma 2 is listed with ``check_supported``'s
+refusal, not timed.
+
 Prints one JSON line: what, config, numbers, machine.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +49,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,6 +139,115 @@ def compare_families(args: argparse.Namespace) -> dict:
     return {"before_revision": args.before, "rounds": args.rounds, "families": table}
 
 
+# Part 3: one shape for every family, each family's own switches on top. The vocabulary is sized to
+# the model, as the per-token metrics scale with it: the output layer holds 31% of the weights a
+# forward multiplies by (SmolLM2: 21%); at 32,000 (69%) the metrics alone took a third of a forward.
+# 2,048 tokens cross the 512-token window four times.
+ARCH_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=False)
+ARCH_WINDOW = 512
+ARCHITECTURES = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=ARCH_WINDOW, max_window_layers=3),
+    "qwen3": dict(use_sliding_window=True, sliding_window=ARCH_WINDOW, max_window_layers=3),
+    "mistral": dict(sliding_window=ARCH_WINDOW),
+    "phi3": dict(sliding_window=ARCH_WINDOW, pad_token_id=0),
+    "gemma3_text": dict(sliding_window=ARCH_WINDOW, num_key_value_heads=1, query_pre_attn_scalar=64,
+                        layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "olmo2": {},
+}
+REFUSED_ARCHITECTURES = {"gemma2": dict(sliding_window=ARCH_WINDOW, query_pre_attn_scalar=64)}   # its own softcapping
+
+
+def architecture_model(family: str, tokens: int, **extra) -> torch.nn.Module:
+    """A random-weight float32 model of ``family`` with knorm_lib's attention; ``check_supported``'s
+    refusal is raised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, **{**ARCH_SHAPE, "max_position_embeddings": max(4096, tokens), **extra})
+    kl._register_attention()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    model.set_attn_implementation(kl.ATTN_IMPLEMENTATION)
+    kl.check_supported(model)
+    return model
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "range": [min(values), max(values)]}
+
+
+def time_architectures(tokens: int, keep_ratio: float, rounds: int) -> dict:
+    """Part 3: per family, the one-pass engine's time as a ratio to the plain forward of the same
+    model, interleaved in ``rounds`` rounds after a warm-up round."""
+    ids = torch.randint(0, ARCH_SHAPE["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
+    table = {}
+    for family, extra in ARCHITECTURES.items():
+        model = architecture_model(family, tokens, **extra)
+        reference = kl.reference_forward(model, ids, layers=[2])   # as part 1: the run starts at layer 2
+        logits_only = dataclasses.replace(reference, layer_inputs={})   # the same terms; every layer runs
+
+        def sdpa() -> None:
+            model.set_attn_implementation("sdpa")
+            try:
+                kl.full_logits(model, ids)
+            finally:
+                model.set_attn_implementation(kl.ATTN_IMPLEMENTATION)
+
+        def one_pass(ref: kl.Reference):
+            return lambda: kl.streaming_ppl(model, ids, "knorm", keep_ratio=keep_ratio, engine="one_pass",
+                                            reference_logits=ref)
+
+        runs = {"plain": lambda: kl.full_logits(model, ids), "plain_sdpa": sdpa,
+                "one_pass": one_pass(reference), "one_pass_every_layer": one_pass(logits_only)}
+        results = {name: fn() for name, fn in runs.items()}   # warm-up
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        per_round = lambda num, den: [a / b for a, b in zip(times[num], times[den])]
+        windowed = kl.sliding_layers(model)
+        n_layers = model.config.num_hidden_layers
+        resumed, every = results["one_pass"], results["one_pass_every_layer"]
+        ratio = _spread(per_round("one_pass", "plain"))
+        ratio_every = _spread(per_round("one_pass_every_layer", "plain"))
+        table[family] = {
+            "architecture": type(model).__name__, "tokens": tokens, "layers": n_layers,
+            "kv_heads": model.config.num_key_value_heads, "window": ARCH_WINDOW if windowed else None,
+            "layer_types": {"sliding_attention": len(windowed), "full_attention": n_layers - len(windowed)},
+            "sliding_layers": list(windowed), "rounds": rounds,
+            "median_s": {name: statistics.median(t) for name, t in times.items()}, "times_s": times,
+            "ratio": ratio, "ratio_every_layer": ratio_every,
+            "ratio_to_sdpa": _spread(per_round("one_pass", "plain_sdpa")),
+            "plain_to_sdpa": _spread(per_round("plain", "plain_sdpa")),
+            "ppl": resumed.ppl,
+            "identical_nll_and_evictions_every_layer": bool(torch.equal(resumed.nll, every.nll)) and all(
+                torch.equal(resumed.evictions[i], every.evictions[i]) for i in resumed.evictions),
+            "bar": SCORE_FIXED_BAR, "meets_bar": ratio["median"] <= SCORE_FIXED_BAR,
+            "meets_bar_every_layer": ratio_every["median"] <= SCORE_FIXED_BAR,
+        }
+        del model
+    refused = {}
+    for family, extra in REFUSED_ARCHITECTURES.items():
+        try:
+            architecture_model(family, tokens, **extra)
+        except ValueError as err:
+            refused[family] = str(err)
+        else:
+            raise AssertionError(f"{family}: check_supported accepted it; move it to ARCHITECTURES")
+    return {"tokens": tokens, "keep_ratio": keep_ratio, "policy": "knorm", "engine": "one_pass", "rounds": rounds,
+            "shape": ARCH_SHAPE, "window": ARCH_WINDOW, "dtype": "float32",
+            "weights": "random (transformers' initialisation, seed 0)", "ids": "uniform random token ids, seed 0",
+            "families": table, "refused": refused, "bar": SCORE_FIXED_BAR,
+            "meets_bar": all(row["meets_bar"] for row in table.values()),
+            "meets_bar_every_layer": all(row["meets_bar_every_layer"] for row in table.values())}
+
+
+ARCH_WHAT = "one-pass streaming evaluation cost per architecture family x one plain forward of the same model"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -129,7 +256,12 @@ def main() -> None:
     ap.add_argument("--growth", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     ap.add_argument("--before", default="50c815c", help="git revision of knorm_lib.py to compare with (part 1)")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per family and version, after a warm-up")
-    ap.add_argument("--skip-engines", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-engines", action="store_true", help="parts 1 and 3 only")
+    ap.add_argument("--skip-architectures", action="store_true", help="leave part 3 out")
+    ap.add_argument("--architectures-only", action="store_true",
+                    help="part 3 alone: print its line, write no record (a partial one would replace the full one)")
+    ap.add_argument("--arch-tokens", type=int, default=2048, help="part 3's text length")
+    ap.add_argument("--arch-rounds", type=int, default=3, help="part 3: timed rounds per family, after a warm-up")
     ap.add_argument("--child-peak", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-families", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -137,12 +269,21 @@ def main() -> None:
         return child_peak(args.child_peak, args.keep_ratio)
     if args.child_families:
         return child_families(args.tokens, args.keep_ratio, args.rounds)
+    if args.architectures_only:
+        part = time_architectures(args.arch_tokens, args.keep_ratio, args.arch_rounds)
+        print(json.dumps({"what": ARCH_WHAT, "config": {"tokens": args.arch_tokens, "keep_ratio": args.keep_ratio,
+                                                        "skip_layers": [0, 1], "dtype": "float32"},
+                          "numbers": {"architectures": part}, "machine": runtime.machine_info()}))
+        return
     families = compare_families(args)
+    architectures = {} if args.skip_architectures else {
+        "architectures": time_architectures(args.arch_tokens, args.keep_ratio, args.arch_rounds)}
+    arch_what = "" if args.skip_architectures else "; " + ARCH_WHAT
     if args.skip_engines:
-        line = {"what": "streaming evaluation cost per policy family, x one plain forward, before vs after",
+        line = {"what": "streaming evaluation cost per policy family, x one plain forward, before vs after" + arch_what,
                 "config": {"tokens": args.tokens, "keep_ratio": args.keep_ratio, "skip_layers": [0, 1],
                            "model": "SmolLM2-135M-Instruct (embedded)", "dtype": "float32"},
-                "numbers": {"per_family": families}, "machine": runtime.machine_info()}
+                "numbers": {"per_family": families, **architectures}, "machine": runtime.machine_info()}
         print(json.dumps(line))
         runtime.write_json_atomic(runtime.RESULTS_DIR / "benchmarks" / f"{Path(__file__).stem}.json", line)
         return
@@ -175,7 +316,7 @@ def main() -> None:
     rel = abs(seq_result.ppl - op_result.ppl) / seq_result.ppl
     line = {
         "what": "streaming evaluation: cost per policy family x one plain forward (before vs after); "
-                "one-pass masked forward vs sequential per-token reference",
+                "one-pass masked forward vs sequential per-token reference" + arch_what,
         "config": {"document": ids_all.title, "tokens": args.tokens, "keep_ratio": args.keep_ratio,
                    "skip_layers": [0, 1], "model": "SmolLM2-135M-Instruct (embedded)", "dtype": "float32"},
         "numbers": {"per_family": families, "sequential_s": sequential_s, "one_pass_s": one_pass, "speedup": speedup,
@@ -183,7 +324,8 @@ def main() -> None:
                     "ppl_sequential": seq_result.ppl, "ppl_one_pass": op_result.ppl, "ppl_rel_diff": rel,
                     "flipped_eviction_decisions": flips, "one_pass_s_by_tokens": growth,
                     "peak_rss_4096": peak, "bars": {"speedup_min": 10, "ppl_rel_diff_max": 1e-3, "peak_gb_max": 6},
-                    "meets_bars": speedup >= 10 and rel <= 1e-3 and peak["peak_rss_mb"] < 6 * 1024},
+                    "meets_bars": speedup >= 10 and rel <= 1e-3 and peak["peak_rss_mb"] < 6 * 1024,
+                    **architectures},
         "machine": runtime.machine_info(),
     }
     print(json.dumps(line))
