@@ -100,6 +100,31 @@ def head_stability(norms: Any) -> list[dict[str, Any]]:
     return [{"doc_a": a, "doc_b": b, "spearman": stats.spearmanr(medians[a], medians[b]).statistic} for a, b in pairs]
 
 
+def norm_spread(norms: Any) -> Any:
+    """Per layer, the coefficient of variation of the key norms (std / mean over the positions after
+    the first, per document and KV head, averaged): how much a norm ranking has to work with (QK-norm
+    rescales every key to one RMS before its gain)."""
+    per_head = norms[norms.position > 0].groupby(["document", "layer", "kv_head"]).key_norm
+    return (per_head.std(ddof=0) / per_head.mean()).groupby("layer").mean()
+
+
+def spread_summary(model: Any, norms: Any) -> dict[str, Any]:
+    """The recorded spread: ``norm_spread`` per layer and, per layer type (``full_attention``, and
+    ``sliding_attention`` for a windowed layer), its layers, the median and range of their spread
+    and the median sink ratio (``sink_ratio``) over their (layer, KV head) pairs."""
+    import numpy as np
+
+    spread, ratio = norm_spread(norms), sink_ratio(norms)
+    types: dict[str, list[int]] = {}
+    for layer in spread.index:
+        types.setdefault(kl._layer_type(model, int(layer)), []).append(int(layer))
+    return {"key_norm_cv_by_layer": spread.to_dict(),
+            "by_layer_type": {kind: {"layers": layers, "key_norm_cv_median": float(spread[layers].median()),
+                                     "key_norm_cv_range": [float(spread[layers].min()), float(spread[layers].max())],
+                                     "sink_ratio_median": float(np.median(ratio.loc[layers].to_numpy()))}
+                              for kind, layers in sorted(types.items())}}
+
+
 def summarize(norms: Any, n_early: int, n_documents: int) -> dict[str, Any]:
     """The recorded summary: the sink ratio, early against late positions, token kinds, head
     stability across documents, and the key/value norm correlation."""
@@ -156,7 +181,22 @@ def findings(record: dict[str, Any]) -> str:
   {", ".join(f"{k} {v:.2f}" for k, v in kinds)}.
 - {heads}
 - **Key and value norms** correlate with Spearman {s['key_value_norm_spearman']:.2f} over all tokens, layers and heads.
-"""
+""" + _spread_sentence(record["results"].get("spread"))
+
+
+def _spread_sentence(spread: dict[str, Any] | None) -> str:
+    """The key norms' spread per layer, and per layer type on a model with windows ("" for a record
+    without it)."""
+    if not spread:
+        return ""
+    cv, types = spread["key_norm_cv_by_layer"], spread["by_layer_type"]
+    names = {"full_attention": "global (full-attention)", "sliding_attention": "local (sliding-window)"}
+    per_type = "; ".join(f"{names.get(k, k)} layers ({len(v['layers'])}): median {v['key_norm_cv_median']:.3f}, "
+                         f"{v['key_norm_cv_range'][0]:.3f}–{v['key_norm_cv_range'][1]:.3f}, first token's ratio to "
+                         f"the median norm {v['sink_ratio_median']:.2f}" for k, v in types.items())
+    return (f"- **Spread of key norms per layer** (coefficient of variation over the positions after the first, "
+            f"per document and KV head): {min(cv.values()):.3f}–{max(cv.values()):.3f} across layers"
+            + (f"; {per_type}.\n" if len(types) > 1 else ".\n"))
 
 
 def headline(record: dict[str, Any]) -> str:

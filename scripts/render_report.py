@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> None:
               + "\n".join(bodies))
     target = (args.reports_dir / args.model / f"REPORT-{args.profile}.md" if args.model else
               ROOT / ("REPORT.md" if args.profile == "full" else f"build/REPORT-{args.profile}.md"))
+    if target.parent.resolve() != ROOT:   # the figures' links are from the project's root: from the report's folder
+        up = os.path.relpath(ROOT, target.parent)
+        report = re.sub(r"(!\[[^\]]*\]\()(?![a-z]+:|/)", lambda m: f"{m.group(1)}{up}/", report)
     runtime.write_text_atomic(target, report)
     if args.profile == "full" and args.model is None:
         replace_block("findings", "".join(headlines))

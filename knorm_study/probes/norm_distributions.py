@@ -108,3 +108,18 @@ def findings() -> dict[str, Any]:
              "high_sink": _summary(0.125, None, 1.2345), "unstable": _summary(0.53, 0.4999, 0.999)}
     return {name: {"findings": nd.findings({"results": {"summary": s}}), "headline": nd.headline({"results": {"summary": s}})}
             for name, s in cases.items()}
+
+
+@probe("norm_distributions")
+def spread() -> dict[str, Any]:
+    """``norm_spread`` and ``spread_summary`` on the tiny model's table (one layer type), and on a tiny
+    Gemma 3 with windows (local, global, local), and ``findings`` stating them."""
+    from knorm_study import norm_distributions as nd
+
+    gemma = m.tiny_gemma3_windowed()
+    docs = [(c, kl.TokenizedDoc(d.title, d.input_ids)) for c, d in _docs()]
+    hybrid = nd.spread_summary(gemma, nd.norm_table(gemma, m.tokenizer(), docs))
+    llama = nd.spread_summary(m.tiny_llama(), _table())
+    summary = _summary(0.875, 0.8125, 0.7712)
+    return {"llama": llama, "hybrid": hybrid,
+            "findings": [nd.findings({"results": {"summary": summary, "spread": s}}) for s in (llama, hybrid)]}

@@ -172,11 +172,16 @@ def test_report_renders_another_models_results(tmp_path):
                    capture_output=True)
     text = (reports / "org--tiny" / "REPORT-full.md").read_text()
     assert text.startswith("# knorm-study report (org/tiny, full profile)") and "figures/org--tiny/01_norm" in text
+    link = re.search(r"!\[[^\]]*\]\(([^)]+)\)", text).group(1)   # from the report's folder to the figure
+    assert (reports / "org--tiny" / link).resolve() == (ROOT / "figures" / "org--tiny" / "01_norm_distributions"
+                                                        / Path(link).name).resolve()
     assert (ROOT / "README.md").read_text() == readme
 
 
 @pytest.mark.parametrize("path", sorted([*(ROOT / "data" / "results").glob("*/full.json"),
-                                          *(ROOT / "data" / "results").glob("*/paper.json")]),
+                                          *(ROOT / "data" / "results").glob("*/paper.json"),
+                                          *(ROOT / "data" / "results").glob("*/*/full.json"),
+                                          *(ROOT / "data" / "results").glob("*/*/paper.json")]),
                          ids=lambda p: f"{p.parent.name}-{p.stem}")
 def test_committed_results_come_from_code_that_computes_the_same(path):
     """Nothing lands with stale results: every committed full- or paper-profile record carries the

@@ -47,3 +47,36 @@ def test_key_norms_equal_pre_rope_norms(tiny64, ids):
     # RoPE really was applied to the cached keys (else the test would be vacuous)
     post_rope = kl.prefill(tiny64, ids).cache.keys[2]
     assert not torch.allclose(post_rope, captured[2])
+
+
+def test_norm_spread_per_layer_and_layer_type():
+    """On a hybrid model (a tiny Gemma 3: local, global, local) the spread per layer equals std / mean
+    of the cached keys' norms computed here from the prefill (positions after the first, per head,
+    averaged over documents); ``spread_summary`` groups it by layer type and ``findings`` states it."""
+    import math
+
+    from helpers import tiny_family
+
+    class Tok:   # every token "other" but the first
+        def decode(self, ids):
+            return "x"
+
+    model, _ = tiny_family("gemma3_text")
+    docs = [("wiki", kl.TokenizedDoc(f"d{s}", torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(s))))
+            for s in (1, 2)]
+    table = norm_distributions.norm_table(model, Tok(), docs)
+    spread = norm_distributions.norm_spread(table)
+    for layer in range(3):
+        expected = []
+        for _, doc in docs:
+            norms = kl.prefill(model, doc.input_ids).cache.keys[layer][0, :, 1:].double().norm(dim=-1)   # (H_kv, n - 1)
+            expected += (norms.std(dim=-1, unbiased=False) / norms.mean(dim=-1)).tolist()
+        assert math.isclose(spread[layer], sum(expected) / len(expected), rel_tol=1e-5)
+    recorded = norm_distributions.spread_summary(model, table)
+    types = recorded["by_layer_type"]
+    assert types["sliding_attention"]["layers"] == [0, 2] and types["full_attention"]["layers"] == [1]
+    assert types["full_attention"]["key_norm_cv_median"] == spread[1]
+    record = {"results": {"summary": norm_distributions.summarize(table, 8, len(docs)), "spread": recorded}}
+    assert "local (sliding-window) layers (2)" in norm_distributions.findings(record)
+    record["results"].pop("spread")   # a record from before: no sentence about it
+    assert "Spread of key norms" not in norm_distributions.findings(record)
