@@ -560,6 +560,12 @@ def has_qk_norm(model: Any) -> bool:
     return any(getattr(layer.self_attn, "k_norm", None) is not None for layer in _layers(model))
 
 
+def applicable_policies(model: Any, policies: Sequence[str]) -> list[str]:
+    """``policies`` as a study runs them on ``model``: ``knorm_prenorm`` only where the model has
+    QK-norm (elsewhere it ranks exactly as ``knorm``, tested), so its rows never copy knorm's."""
+    return [p for p in policies if p not in LAYER_INPUT_POLICIES or has_qk_norm(model)]
+
+
 KVPRESS_POLICIES: dict[str, str] = {"snapkv": "SnapKVPress", "tova": "TOVAPress",
                                     "expected_attention": "ExpectedAttentionPress"}
 

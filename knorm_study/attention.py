@@ -65,10 +65,19 @@ def future_attention(model: Any, input_ids: torch.Tensor, context_len: int) -> t
     """Mean attention that the continuation's queries (positions ``context_len..n-1``) pay to each
     context key, ``(layers, H_kv, context_len)`` float32 (query heads of a group averaged), and the
     context's cache (the keys a policy would score after prefilling the context)."""
+    future, pre = _future_attention(model, input_ids, context_len)
+    return future, pre.cache
+
+
+@torch.inference_mode()
+def _future_attention(model: Any, input_ids: torch.Tensor, context_len: int,
+                      capture_hidden: bool = False) -> tuple[torch.Tensor, kl.Prefill]:
+    """``future_attention`` with the context's whole prefill (with ``capture_hidden``, each layer's
+    inputs, for the policies that score them)."""
     ids = kl._check_ids(input_ids).to(model.device)
     kl._check_context_len(context_len, ids.shape[1])
     future = _per_kv_head_attention(model, ids, lambda probs: probs[:, :, context_len:, :context_len].mean(2))
-    return future, kl.prefill(model, ids[:, :context_len]).cache
+    return future, kl.prefill(model, ids[:, :context_len], capture_hidden=capture_hidden)
 
 
 def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, keep_ratios: Sequence[float],
@@ -77,10 +86,11 @@ def attention_mass_lost(model: Any, input_ids: torch.Tensor, context_len: int, k
     """Fraction of the continuation queries' attention that falls on context keys a policy evicts,
     per layer, KV head, policy and keep_ratio. ``"oracle"`` evicts the least-attended keys (by the
     same future attention): the smallest loss any policy evicting that many keys can reach."""
-    future, cache = future_attention(model, input_ids, context_len)
+    future, pre = _future_attention(model, input_ids, context_len, any(kl.needs_layer_inputs(p) for p in policies))
     rows = []
     for policy in [*policies, "oracle"]:
-        scores = ([f[None] for f in future] if policy == "oracle" else kl.policy_scores(cache, policy, options))
+        scores = ([f[None] for f in future] if policy == "oracle"
+                  else kl.policy_scores(pre.cache, policy, options, layer_inputs=pre.layer_inputs))
         for keep_ratio in keep_ratios:
             n_kept = kl.n_kept_for(context_len, keep_ratio)
             for layer, (layer_scores, attn) in enumerate(zip(scores, future)):
@@ -111,24 +121,37 @@ def spearman_table(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]]) -> A
     (``spearman_with_sink``); the same with position partialled out (``spearman_position_controlled``:
     both norm and attention can drift with position, which alone would correlate them); the first
     token's attention, and the fraction of keys with a lower norm than it. The last 10 % of
-    positions are dropped: few queries see them to average over."""
+    positions are dropped: few queries see them to average over. On a model with QK-norm the same
+    two correlations of the key *before* its normalisation (``k_proj``'s output, the norm
+    ``knorm_prenorm`` scores): ``spearman_prenorm`` and ``spearman_prenorm_position_controlled``."""
     import pandas as pd
     from scipy import stats
 
+    prenorm = kl.has_qk_norm(model)
     rows = []
     for corpus, doc in docs:
-        norms = key_norms(kl.prefill(model, doc.input_ids).cache).cpu()  # (layers, H_kv, n)
+        pre = kl.prefill(model, doc.input_ids, capture_hidden=prenorm)
+        norms = key_norms(pre.cache).cpu()  # (layers, H_kv, n)
+        before = (-torch.stack([s[0].float() for s in kl.policy_scores(pre.cache, "knorm_prenorm",
+                                                                      layer_inputs=pre.layer_inputs)]).cpu()
+                  if prenorm else None)
+        del pre
         received = attention_received(model, doc.input_ids).cpu()  # (layers, H_kv, n), causal mean
         stop = int(0.9 * norms.shape[-1])
         for layer in range(norms.shape[0]):
             for head in range(norms.shape[1]):
                 k, a = norms[layer, head, :stop], received[layer, head, :stop]
-                rows.append({"corpus": corpus, "document": doc.title, "layer": layer, "kv_head": head,
-                             "spearman": stats.spearmanr(k[1:].numpy(), a[1:].numpy()).statistic,
-                             "spearman_position_controlled": _partial_spearman(k[1:].numpy(), a[1:].numpy()),
-                             "spearman_with_sink": stats.spearmanr(k, a).statistic,
-                             "sink_attention": float(a[0]),
-                             "sink_norm_rank": float((k < k[0]).float().mean())})
+                row = {"corpus": corpus, "document": doc.title, "layer": layer, "kv_head": head,
+                       "spearman": stats.spearmanr(k[1:].numpy(), a[1:].numpy()).statistic,
+                       "spearman_position_controlled": _partial_spearman(k[1:].numpy(), a[1:].numpy()),
+                       "spearman_with_sink": stats.spearmanr(k, a).statistic,
+                       "sink_attention": float(a[0]),
+                       "sink_norm_rank": float((k < k[0]).float().mean())}
+                if before is not None:
+                    b = before[layer, head, :stop]
+                    row["spearman_prenorm"] = stats.spearmanr(b[1:].numpy(), a[1:].numpy()).statistic
+                    row["spearman_prenorm_position_controlled"] = _partial_spearman(b[1:].numpy(), a[1:].numpy())
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -148,16 +171,25 @@ def attention_lost(model: Any, docs: Sequence[tuple[str, kl.TokenizedDoc]], cont
     return lost, intervals.aggregate(per_doc.to_dict("records"), ["policy", "keep_ratio"], ["fraction_lost"])
 
 
-def loss_areas(lost: Any) -> Any:
+def layer_types(model: Any) -> list[str]:
+    """Each layer's attention type, in order: ``sliding_attention`` (a local, sliding-window layer)
+    or ``full_attention`` (global); what the notebook records once (``layer_types``) for the
+    per-type summaries."""
+    return [kl._layer_type(model, i) for i in range(kl._n_layers(model))]
+
+
+def loss_areas(lost: Any, layers: Sequence[int] | None = None) -> Any:
     """ALR-style attention loss (the paper's ``compare_norm_and_attention`` compares the attention
     dropped in norm order with the attention dropped in attention order): per document and policy,
     the area between the policy's and the oracle's curve of attention lost (layers ≥ 2, mean over
     heads) against the evicted fraction 1 - keep_ratio, trapezoids over the measured keep_ratios.
-    0 means the policy evicts as well as the oracle could; rows as a DataFrame."""
+    0 means the policy evicts as well as the oracle could; rows as a DataFrame. ``layers``: only
+    those (of layers ≥ 2; ``loss_areas_by_type``)."""
     import numpy as np
     import pandas as pd
 
-    per_doc = lost[lost.layer >= 2].groupby(["document", "policy", "keep_ratio"]).fraction_lost.mean()
+    chosen = (lost.layer >= 2) & (lost.layer.isin(list(layers)) if layers is not None else True)
+    per_doc = lost[chosen].groupby(["document", "policy", "keep_ratio"]).fraction_lost.mean()
     rows = []
     for doc, by_policy in per_doc.groupby(level="document"):
         oracle = by_policy.xs((doc, "oracle")).sort_index()
@@ -168,6 +200,16 @@ def loss_areas(lost: Any) -> Any:
             area = float(np.sum(np.diff(evicted[order]) * (gap[order][1:] + gap[order][:-1]) / 2))
             rows.append({"document": doc, "policy": policy, "area_above_oracle": area})
     return pd.DataFrame(rows)
+
+
+def loss_areas_by_type(lost: Any, types: Sequence[str]) -> Any:
+    """``loss_areas`` within each layer type (layers ≥ 2; ``types``: ``layer_types(model)``), with a
+    ``layer_type`` column: on a hybrid model the global and the sliding-window layers apart; on
+    others one type, the same numbers as ``loss_areas``."""
+    import pandas as pd
+
+    return pd.concat([loss_areas(lost, [i for i, x in enumerate(types) if x == t]).assign(layer_type=t)
+                      for t in sorted(set(types))], ignore_index=True)
 
 
 def summarize(corr: Any, lost_curve: Any, areas: Any) -> dict[str, Any]:
@@ -203,16 +245,51 @@ def _document_means(spearman_rows: Sequence[dict[str, Any]], field: str,
     return {doc: sum(v) / len(v) for doc, v in per_doc.items()}
 
 
+def _of_type(rows: Sequence[dict[str, Any]], layer_type: str | None,
+             types: Sequence[str] | None) -> list[dict[str, Any]]:
+    """The rows of ``layer_type``'s layers (``types``: per layer, as recorded); all without one."""
+    return [r for r in rows if layer_type is None or types is None or types[r["layer"]] == layer_type]
+
+
 def spearman_by_document(spearman_rows: Sequence[dict[str, Any]], field: str = "spearman",
-                         min_layer: int = 2) -> dict[str, Any] | None:
+                         min_layer: int = 2, layer_type: str | None = None,
+                         types: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The paper's claim, "low norm, high attention", as the ledger and the findings test it: per
-    document, the mean of ``field`` over the heads of layers ``min_layer`` and up, bootstrapped over
-    documents (``intervals.paired_bootstrap``; ``intervals.negative`` gives the verdict). None
-    without rows."""
+    document, the mean of ``field`` over the heads of layers ``min_layer`` and up (of ``layer_type``
+    only, if given, by the per-layer ``types``), bootstrapped over documents (``intervals.paired_bootstrap``;
+    ``intervals.negative`` gives the verdict). None without rows."""
     from knorm_study import intervals
 
-    means = _document_means(spearman_rows, field, lambda layer: layer >= min_layer)
+    means = _document_means(_of_type(spearman_rows, layer_type, types), field, lambda layer: layer >= min_layer)
     return intervals.paired_bootstrap(list(means.values())) if means else None
+
+
+def field_difference(spearman_rows: Sequence[dict[str, Any]], field: str, minus: str, layer_type: str | None = None,
+                     types: Sequence[str] | None = None, min_layer: int = 2) -> dict[str, Any] | None:
+    """Per document, the mean of ``field`` minus the mean of ``minus`` (layers ``min_layer`` and up,
+    of ``layer_type`` if given), bootstrapped over documents: e.g. the pre-norm key's ρ minus the
+    cached key's (negative: the pre-norm norm tracks attention more closely). None without both."""
+    from knorm_study import intervals
+
+    rows = _of_type(spearman_rows, layer_type, types)
+    a, b = (_document_means(rows, f, lambda layer: layer >= min_layer) for f in (field, minus))
+    return intervals.paired_by_unit(a, b) if set(a) & set(b) else None
+
+
+def area_difference(area_rows: Sequence[dict[str, Any]], policy: str, minus: str,
+                    layer_type: str | None = None) -> dict[str, Any] | None:
+    """Per document, ``policy``'s attention-loss area above the oracle minus ``minus``'s (within
+    ``layer_type`` where the rows carry one), bootstrapped over documents; None without both."""
+    from knorm_study import intervals
+
+    rows = [r for r in area_rows if layer_type is None or r.get("layer_type") == layer_type]
+    a, b = ({r["document"]: r["area_above_oracle"] for r in rows if r["policy"] == p} for p in (policy, minus))
+    return intervals.paired_by_unit(a, b) if set(a) & set(b) else None
+
+
+def _types_in(types: Sequence[str]) -> list[str]:
+    """The layer types present, global first."""
+    return sorted(set(types), key=lambda t: t != "full_attention")
 
 
 def early_minus_late(spearman_rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -269,6 +346,86 @@ def _early_layers_text(record: dict[str, Any]) -> str:
             f"n = {d['n']} documents. {what}")
 
 
+TYPE_NAMES = {"full_attention": "global (full attention)", "sliding_attention": "local (sliding window)"}
+
+
+def _ci(b: dict[str, Any] | None) -> str:
+    from knorm_study import intervals
+
+    if b is None:
+        return "not measured"
+    return f"{b['mean']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}]" if intervals.enough(b) else f"{b['mean']:+.3f} (n too small)"
+
+
+def _layers_of(types: Sequence[str], layer_type: str) -> list[int]:
+    return [i for i, t in enumerate(types) if t == layer_type and i >= 2]
+
+
+def by_layer_type_text(record: dict[str, Any]) -> str:
+    """The per-layer-type table (layers ≥ 2): per-document mean ρ of the cached key's norm with
+    the attention received, with position partialled out, the same for the key before QK-norm where
+    measured, and each policy's attention-loss area above the oracle, with bootstrap intervals over
+    the n documents; then the pre-norm comparison in words. Empty for records without layer types."""
+    from knorm_study import intervals
+
+    r = record["results"]
+    rows, areas, types = r["spearman"], r.get("loss_areas_by_type"), r.get("layer_types")
+    if not areas or not rows or not types:
+        return ""
+    prenorm = "spearman_prenorm" in rows[0]
+    policies = [p for p in ("knorm", "knorm_prenorm", "random", "high_norm") if any(a["policy"] == p for a in areas)]
+    cols = ["layer type", "layers (≥ 2)", "ρ cached key", "ρ cached, position out"]
+    cols += ["ρ key before QK-norm", "ρ before, position out", "before − cached"] if prenorm else []
+    cols += [f"loss area: {p}" for p in policies]
+    n = len({x["document"] for x in rows})
+    lines = [f"- **Per layer type** (layers ≥ 2; per-document means with bootstrap 95 % intervals, n = {n} documents; "
+             "loss area = attention lost above the oracle's, integrated over the evicted fraction):", "",
+             "  | " + " | ".join(cols) + " |", "  |" + "---|" * len(cols)]
+    for t in _types_in(types):
+        cells = [TYPE_NAMES.get(t, t), ", ".join(map(str, _layers_of(types, t))),
+                 _ci(spearman_by_document(rows, "spearman", layer_type=t, types=types)),
+                 _ci(spearman_by_document(rows, "spearman_position_controlled", layer_type=t, types=types))]
+        if prenorm:
+            cells += [_ci(spearman_by_document(rows, "spearman_prenorm", layer_type=t, types=types)),
+                      _ci(spearman_by_document(rows, "spearman_prenorm_position_controlled", layer_type=t, types=types)),
+                      _ci(field_difference(rows, "spearman_prenorm", "spearman", t, types))]
+        for pol in policies:
+            mean = [a["area_above_oracle"] for a in areas if a["policy"] == pol and a.get("layer_type") == t]
+            b = intervals.paired_bootstrap(mean) if mean else None
+            cells.append(_ci(b).replace("+", "") if b else "—")
+        lines.append("  | " + " | ".join(cells) + " |")
+    if prenorm:
+        lines += ["", "  " + prenorm_text(record)]
+    return "\n".join(lines) + "\n"
+
+
+def prenorm_text(record: dict[str, Any]) -> str:
+    """Whether the key before QK-norm carries the norm–attention signal better than the cached
+    key, per layer type, in words decided by the intervals: ρ(before) − ρ(cached) per document
+    (negative: a stronger low-norm ↔ high-attention link) and knorm_prenorm's loss area minus
+    knorm's (negative: it evicts less of the attention)."""
+    from knorm_study import intervals
+
+    r = record["results"]
+    rows, areas, types = r["spearman"], r.get("loss_areas_by_type") or [], r.get("layer_types") or []
+    parts = []
+    for t in _types_in(types):
+        d = field_difference(rows, "spearman_prenorm", "spearman", t, types)
+        a = area_difference(areas, "knorm_prenorm", "knorm", t)
+        if d is None:
+            continue
+        link = {"holds": "the key before QK-norm tracks attention more closely",
+                "fails": "the cached key tracks attention more closely", "not resolved": "not resolved"}[intervals.negative(d)]
+        text = f"{TYPE_NAMES.get(t, t)} layers: ρ(before) − ρ(cached) {_ci(d)}, n = {d['n']} ({link})"
+        if a is not None:
+            loss = {"holds": "evicting by the key before QK-norm loses less attention",
+                    "fails": "it loses more attention", "not resolved": "not resolved"}[intervals.negative(a)]
+            text += f"; loss area, knorm_prenorm − knorm, {_ci(a)} ({loss})"
+        parts.append(text)
+    return ("**The key before QK-norm**, per document (negative: closer to attention, less attention lost): "
+            + "; ".join(parts) + ".") if parts else ""
+
+
 def findings(record: dict[str, Any]) -> str:
     """What the numbers say (Markdown), from a recorded result of 02_attention_correlation (the
     whole JSON record): the notebook's last cell and REPORT.md's section both print this."""
@@ -289,7 +446,7 @@ def findings(record: dict[str, Any]) -> str:
   0 = as good as the oracle): {", ".join(f"{p} {a:.3f}" for p, a in s['loss_area_above_oracle'].items())}.
   `sink_random` keeps the first tokens and evicts the rest at random, `streaming` keeps the first tokens
   and the most recent: the gap between them and knorm is what the key norm adds beyond keeping the sink.
-"""
+""" + by_layer_type_text(record)
 
 
 def headline(record: dict[str, Any]) -> str:

@@ -177,6 +177,79 @@ def attention_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
+def qk_norm_claims(rec02: dict[str, Any] | None, rec04: dict[str, Any] | None, keep_ratio: float) -> list[dict[str, Any]]:
+    """The claims only a model with QK-norm can test (02 records the key before QK-norm there:
+    ``spearman_prenorm``; 04 runs ``knorm_prenorm``): that evicting by the cached key's norm still
+    loses less attention than random eviction (02's loss areas, paired by document), and that the
+    key's norm before QK-norm keeps the signal the normalised key lost (04: knorm_prenorm against
+    knorm and against random, per protocol, paired by document in log perplexity)."""
+    from knorm_study import quality
+
+    rows = []
+    claim = "The key norm carries the signal under QK-norm: evicting by it loses less attention than random eviction"
+    src, no_qk = "this study (QK-norm models)", "no QK-norm in this model: the claim does not apply"
+    if rec02 is None:
+        rows.append(_missing("qk_norm.signal", claim, src, SOURCES["02"]))
+    else:
+        r = rec02["results"]
+        qk = bool(r["spearman"]) and "spearman_prenorm" in r["spearman"][0]
+        b = attention.area_difference(r.get("loss_areas", []), "random", "knorm") if qk else None
+        rows.append(_row("qk_norm.signal", claim, src, "attention lost by the continuation's queries, area above the oracle "
+                         "(ALR-style), layers 2 and up", no_qk if not qk else "not measured" if b is None else
+                         f"area random − knorm {b['mean']:+.3f}" + (f" [{b['lo']:+.3f}, {b['hi']:+.3f}]" if enough(b) else ""),
+                         0 if b is None else b["n"], "not measured" if b is None else positive(b)))
+    claim = "On QK-norm models the key's norm before the normalisation keeps the signal the normalised key lost"
+    if rec04 is None:
+        return rows + [_missing("qk_norm.prenorm", claim, src, SOURCES["04"])]
+    for protocol in quality.PROTOCOLS:
+        at = [x for x in rec04["results"]["rows"] if x["protocol"] == protocol and x["keep_ratio"] == keep_ratio]
+        ratios = {v: _log_ppl(at, v) for v in ("knorm_prenorm", "knorm", "random")}   # same documents: log PPL pairs
+        key = f"qk_norm.prenorm.{protocol}"
+        where = f"{protocol}, keep_ratio {keep_ratio}, every layer outside skip {tuple(rec04['parameters']['skip_layers'])}"
+        if not ratios["knorm_prenorm"]:
+            rows.append(_row(key, claim, src, where, no_qk if "knorm_prenorm" in rec04["parameters"].get("policies", [])
+                             else "knorm_prenorm not run", 0, "not measured"))
+            continue
+        vs_knorm = intervals.paired_by_unit(ratios["knorm_prenorm"], ratios["knorm"])
+        vs_random = intervals.paired_by_unit(ratios["knorm_prenorm"], ratios["random"])
+        better = lambda b: negative(b) == "holds"
+        worse = lambda b: positive(b) == "holds"
+        verdict = ("holds" if better(vs_knorm) and better(vs_random) else
+                   "fails" if worse(vs_knorm) or worse(vs_random) else "not resolved")
+        rows.append(_row(key, claim, src, where, f"PPL knorm_prenorm vs knorm {_pct(vs_knorm)}, vs random {_pct(vs_random)}",
+                         vs_knorm["n"], verdict))
+    return rows
+
+
+def layer_choice_claims(rec04: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """On a model with sliding-window layers: compressing only the global layers (kvpress's rule for
+    Gemma 3) against every layer (the paper's), KnormPress, at matched KV bytes (04's rows,
+    ``quality.matched_kv_bytes``, at the lowest keep_ratio of global-only that every-layer's points
+    reach), per protocol."""
+    from knorm_study import quality
+
+    claim = ("Compressing only the global layers loses less than compressing every layer, at matched KV bytes "
+             "(KnormPress)")
+    src = "this study (sliding-window models)"
+    if rec04 is None:
+        return [_missing("layers.global_only", claim, src, SOURCES["04"])]
+    rows = []
+    label = f"knorm ({quality.CHOICE_LABELS['global']})"
+    for protocol in quality.PROTOCOLS:
+        key = f"layers.global_only.{protocol}"
+        matched = [m for m in quality.matched_kv_bytes(rec04["results"]["rows"], protocol, label, "knorm") if m["n"]]
+        if not matched:
+            ran = any(x["variant"] == label for x in rec04["results"]["rows"])
+            rows.append(_row(key, claim, src, protocol, "no matched KV bytes" if ran else
+                             "no sliding-window layers in this model: the claim does not apply", 0, "not measured"))
+            continue
+        m = matched[-1]
+        rows.append(_row(key, claim, src, f"{protocol}, global only at keep_ratio {m['keep_ratio']:g} against every layer "
+                         f"at the same KV bytes ({m['kv_fraction']:.2f} of the full cache's)",
+                         f"PPL global only vs every layer {_pct(m)}", m["n"], negative(m)))
+    return rows
+
+
 def passkey_claims(rec: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The paper's passkey claim under both protocols, as 05 recorded it (Wilson intervals)."""
     claim = "Passkey retrieval survives 90 % compression"
@@ -230,7 +303,9 @@ def writeup_claims(rec03: dict[str, Any] | None, rec06: dict[str, Any] | None) -
 
 def ledger(own: dict[str, Any] | None, records: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
     """Every claim's row: the language-modelling claims (``lm_rows``), then the others."""
-    return (lm_claims(own) + attention_claims(records["02"]) + passkey_claims(records["05"])
+    keep_ratio = own["keep_ratio"] if own else 0.5
+    return (lm_claims(own) + attention_claims(records["02"]) + qk_norm_claims(records["02"], records["04"], keep_ratio)
+            + layer_choice_claims(records["04"]) + passkey_claims(records["05"])
             + writeup_claims(records["03"], records["06"]))
 
 

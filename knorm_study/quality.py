@@ -78,12 +78,30 @@ def check_keep_ratios(keep_ratios: Sequence[float]) -> None:
                 "a list that includes 1.0 (the full cache every threshold is measured against)")
 
 
-def variants(policies: Sequence[str], skip_layers: Sequence[int], knorm_all_layers: bool) -> list[Variant]:
+CHOICE_LABELS = {"all": "every layer type", "global": "global layers"}   # a layer choice's label suffix
+
+
+def variants(policies: Sequence[str], skip_layers: Sequence[int], knorm_all_layers: bool, model: Any = None,
+             compress_layers: Sequence[str] = ("all",), layer_choice_policies: Sequence[str] = ()) -> list[Variant]:
     """``(label, policy, skip_layers)`` per policy, all leaving ``skip_layers`` uncompressed, and
-    second, if ``knorm_all_layers``, "knorm (all layers)" compressing every layer."""
-    out = [(p, p, tuple(skip_layers)) for p in policies]
+    second, if ``knorm_all_layers``, "knorm (all layers)" compressing every layer.
+
+    With ``model``: only the policies it can tell apart (``kl.applicable_policies``), and on a model
+    with sliding windows the layer choices (``kl.layers_to_skip``'s ``compress``): every variant
+    compresses what ``compress_layers[0]`` names; each of ``layer_choice_policies`` also runs under
+    the other choices, labelled by ``CHOICE_LABELS`` ("knorm (global layers)"). Without windows every choice is the
+    same layers, so only the first runs."""
+    for choice in compress_layers:
+        kl._check_choice("compress_layers", choice, kl.LAYER_SCOPES)
+    if model is not None:
+        policies = kl.applicable_policies(model, policies)
+    first = kl.layers_to_skip(model, skip_layers, compress_layers[0]) if model is not None else tuple(skip_layers)
+    out = [(p, p, tuple(first)) for p in policies]
     if knorm_all_layers:
         out.insert(1, ("knorm (all layers)", "knorm", ()))
+    if model is not None and kl.sliding_layers(model):
+        out += [(f"{p} ({CHOICE_LABELS[choice]})", p, kl.layers_to_skip(model, skip_layers, choice))
+                for choice in compress_layers[1:] for p in policies if p in layer_choice_policies]
     return out
 
 
@@ -325,7 +343,12 @@ def _mid_keep_ratio(keep_ratios: Sequence[float]) -> float:
     return 0.5 if 0.5 in keep_ratios else sorted(keep_ratios)[len(keep_ratios) // 2]
 
 
-def _recorded_variants(p: dict[str, Any]) -> dict[str, list[Variant]]:
+def _recorded_variants(record: dict[str, Any]) -> dict[str, list[Variant]]:
+    """The variants per protocol: as recorded (04 records them: they depend on the model), else
+    rebuilt from the parameters (records made before)."""
+    if "variants" in record["results"]:
+        return {proto: [tuple(v[:2]) + (tuple(v[2]),) for v in vs] for proto, vs in record["results"]["variants"].items()}
+    p = record["parameters"]
     return {"prefill": variants(p["policies"], p["skip_layers"], p["knorm_all_layers"]),
             "streaming": variants(p["streaming_policies"], p["skip_layers"], p["knorm_all_layers"])}
 
@@ -364,7 +387,7 @@ def findings(record: dict[str, Any]) -> str:
     JSON record): the notebook's last cell and REPORT.md's section both print this."""
     r, p = record["results"], record["parameters"]
     sizes, speed = p["sizes"], r["sweep_speed"]
-    by_proto = _recorded_variants(p)
+    by_proto = _recorded_variants(record)
     labels = {proto: [label for label, _, _ in vs] for proto, vs in by_proto.items()}
 
     def rel(proto: str, label: str, k: float) -> float:
@@ -413,7 +436,159 @@ def findings(record: dict[str, Any]) -> str:
                  f"{speed['max_abs_nll_diff']:.1e}).")
     if r.get("matched_memory"):
         lines.append(schedules_text(record))
+    if layer_choice_text(record):
+        lines.append(layer_choice_text(record))
     return "\n\n".join(lines) + "\n"
+
+
+def _log_ratios(rows: Sequence[dict[str, Any]], protocol: str, variant: str) -> dict[float, dict[str, float]]:
+    """Per keep_ratio and document: log(PPL / that document's full-cache PPL) of ``variant``."""
+    out: dict[float, dict[str, float]] = {}
+    for x in rows:
+        if x["protocol"] == protocol and x["variant"] == variant:
+            out.setdefault(x["keep_ratio"], {})[x["document"]] = math.log(x["ppl_ratio"])
+    return out
+
+
+def ppl_ratio_at(rows: Sequence[dict[str, Any]], protocol: str, variant: str, keep_ratio: float) -> dict[str, Any] | None:
+    """PPL over the full cache's at ``keep_ratio``: the geometric mean over documents with its
+    bootstrap interval (of the mean log ratio), n; None where not run."""
+    by_doc = _log_ratios(rows, protocol, variant).get(keep_ratio)
+    if not by_doc:
+        return None
+    b = intervals.paired_bootstrap(list(by_doc.values()))
+    return {**b, "ratio": math.exp(b["mean"]), "ratio_lo": math.exp(b["lo"]), "ratio_hi": math.exp(b["hi"])}
+
+
+def kv_fraction(row: dict[str, Any], full: dict[str, Any]) -> float:
+    """KV bytes the next query can read over the full cache's, all layer types (``by_layer_type``,
+    a windowed model's rows), else the cache bytes over the full cache's."""
+    if "by_layer_type" in row:
+        return sum(t["kv_bytes"] for t in row["by_layer_type"].values()) / sum(
+            t["kv_bytes"] for t in full["by_layer_type"].values())
+    return row["cache_bytes"] / full["cache_bytes"]
+
+
+def matched_kv_bytes(rows: Sequence[dict[str, Any]], protocol: str, variant: str, reference: str) -> list[dict[str, Any]]:
+    """``variant`` against ``reference`` at matched KV bytes: per document and keep_ratio of
+    ``variant``, its log PPL ratio minus ``reference``'s interpolated (linearly, between its own two
+    measured points around it; the full cache is the point 1.0) at the same fraction of the full
+    cache's KV bytes (``kv_fraction``), bootstrapped over documents per keep_ratio (negative:
+    ``variant`` loses less at that memory). Only fractions ``reference``'s points span."""
+    import numpy as np
+
+    mine = [x for x in rows if x["protocol"] == protocol]
+    if not any(x["variant"] == variant for x in mine):
+        return []
+    full = {x["document"]: x for x in mine if x["variant"] == "full cache"}
+    points: dict[str, list[tuple[float, float]]] = {d: [(1.0, 0.0)] for d in full}
+    for x in mine:
+        if x["variant"] == reference and x["document"] in full:
+            points[x["document"]].append((kv_fraction(x, full[x["document"]]), math.log(x["ppl_ratio"])))
+    per_ratio: dict[float, tuple[list[float], list[float]]] = {}
+    for x in mine:
+        if x["variant"] != variant or x["document"] not in full:
+            continue
+        f = kv_fraction(x, full[x["document"]])
+        pts = sorted(points[x["document"]])
+        if len(pts) < 2 or not pts[0][0] <= f <= pts[-1][0]:
+            continue
+        xs, ys = zip(*pts)
+        diffs, fracs = per_ratio.setdefault(x["keep_ratio"], ([], []))
+        diffs.append(math.log(x["ppl_ratio"]) - float(np.interp(f, xs, ys)))
+        fracs.append(f)
+    return [{"keep_ratio": k, "kv_fraction": sum(fr) / len(fr), **intervals.paired_bootstrap(d)}
+            for k, (d, fr) in sorted(per_ratio.items(), reverse=True)]
+
+
+def kv_curves(rows: Any) -> Any:
+    """Per protocol, variant and keep_ratio: the mean fraction of the full cache's KV bytes the next
+    query can read (``kv_fraction``) and the geometric-mean PPL ratio over documents, for plotting
+    the layer choices against memory (a DataFrame)."""
+    import pandas as pd
+
+    records = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+    full = {(x["protocol"], x["document"]): x for x in records if x["variant"] == "full cache"}
+    out = [{"protocol": x["protocol"], "variant": x["variant"], "keep_ratio": x["keep_ratio"],
+            "kv_fraction": kv_fraction(x, full[(x["protocol"], x["document"])]), "log_ratio": math.log(x["ppl_ratio"])}
+           for x in records if x["variant"] != "full cache" and (x["protocol"], x["document"]) in full]
+    df = pd.DataFrame(out).groupby(["protocol", "variant", "keep_ratio"], as_index=False)[["kv_fraction", "log_ratio"]].mean()
+    df["ppl_ratio"] = df.log_ratio.map(math.exp)
+    return df.drop(columns="log_ratio")
+
+
+def _ratio_cell(b: dict[str, Any] | None) -> str:
+    if b is None:
+        return "—"
+    return (f"{b['ratio']:.3f} [{b['ratio_lo']:.3f}, {b['ratio_hi']:.3f}]" if intervals.enough(b)
+            else f"{b['ratio']:.3f} (n = {b['n']})")
+
+
+def _verdict(b: dict[str, Any], better: str, worse: str) -> str:
+    if not intervals.enough(b) or not b["resolved"]:
+        return "not resolved"
+    return better if b["mean"] < 0 else worse
+
+
+def layer_choice_text(record: dict[str, Any]) -> str:
+    """04 on a hybrid or QK-norm model (Markdown; empty elsewhere): the PPL ratio to the full cache
+    of knorm, knorm_prenorm, random and high_norm per protocol and layer choice at keep_ratios 0.5
+    and the lowest, with intervals; knorm_prenorm against knorm and random, paired by document; and
+    global layers only against every layer at matched KV bytes."""
+    r = record["results"]
+    by_proto = _recorded_variants(record)
+    labels = {proto: [label for label, _, _ in vs] for proto, vs in by_proto.items()}
+    choice = CHOICE_LABELS["global"]
+    has_choice = any(label.endswith(f"({choice})") for ls in labels.values() for label in ls)
+    has_prenorm = any("knorm_prenorm" in ls for ls in labels.values())
+    if not (has_choice or has_prenorm):
+        return ""
+    ratios = sorted({x["keep_ratio"] for x in r["rows"] if x["keep_ratio"] < 1.0}, reverse=True)
+    shown = [k for k in (0.5, min(ratios)) if k in ratios] if ratios else []
+    policies = [p for p in ("knorm_prenorm", "knorm", "random", "high_norm") if any(p in ls for ls in labels.values())]
+    header = ["protocol", "layers compressed", "keep_ratio", *policies]
+    lines = ["**PPL over the full cache's** (geometric mean over documents, bootstrap 95 % interval; "
+             "\"all\" = every layer outside skip_layers, the paper's rule; \"global\" = full-attention layers only, "
+             "kvpress's rule for Gemma 3):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for proto in PROTOCOLS:
+        for layers, suffix in (("all", ""), ("global", f" ({choice})")):
+            if not any(f"{p}{suffix}" in labels.get(proto, []) for p in policies):
+                continue
+            for k in shown:
+                cells = [_ratio_cell(ppl_ratio_at(r["rows"], proto, f"{p}{suffix}", k)) for p in policies]
+                lines.append(f"| {proto} | {layers} | {k:g} | " + " | ".join(cells) + " |")
+    out = ["\n".join(lines)]
+    if has_prenorm:
+        parts = []
+        for proto in PROTOCOLS:
+            for suffix in ("", f" ({choice})"):
+                for k in shown:
+                    a = f"knorm_prenorm{suffix}"
+                    lr = _log_ratios(r["rows"], proto, a).get(k, {})
+                    if not lr:
+                        continue
+                    vs = {ref: intervals.paired_by_unit(lr, _log_ratios(r["rows"], proto, f"{ref}{suffix}").get(k, {}))
+                          for ref in ("knorm", "random")}
+                    parts.append(f"{proto}, {'global layers' if suffix else 'all layers'}, keep_ratio {k:g}: " + ", ".join(
+                        f"vs {ref} {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+                        f"({_verdict(d, 'knorm_prenorm better', f'{ref} better')})" for ref, d in vs.items() if d["n"]))
+        out.append("**KnormPress before QK-norm** (`knorm_prenorm`), paired by document, difference in log perplexity "
+                   "(negative: knorm_prenorm better; bootstrap 95 % interval): " + "; ".join(parts) + ".")
+    if has_choice:
+        parts = []
+        for proto in PROTOCOLS:
+            for p in ("knorm", "knorm_prenorm"):
+                for m in matched_kv_bytes(r["rows"], proto, f"{p} ({choice})", p):
+                    if m["n"] and m["keep_ratio"] in shown:
+                        parts.append(f"{proto}, {p}, global at keep_ratio {m['keep_ratio']:g} (KV bytes {m['kv_fraction']:.2f} "
+                                     f"of the full cache's): {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}] "
+                                     f"({_verdict(m, 'global only loses less', 'all layers lose less')})")
+        out.append("**Global layers only against all layers at matched KV bytes** (KV bytes the next query can read, "
+                   "every layer type; log PPL ratio of global-only minus all-layers interpolated at the same bytes, "
+                   "paired by document, bootstrap 95 % interval; only where the all-layers points span that memory): "
+                   + ("; ".join(parts) if parts else "no matched point: the two choices' memory ranges do not overlap")
+                   + ".")
+    return "\n\n".join(out)
 
 
 def _schedule_verdict(row: dict[str, Any]) -> str:

@@ -125,3 +125,21 @@ def tiny_gemma3_windowed() -> Any:
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(cfg).to(dtype=torch.float64)
     return _fill_weights(model, 0, 0.2).eval()
+
+
+@functools.cache
+def tiny_gemma3_hybrid() -> Any:
+    """A float64 Gemma 3 text model with two layer types past layer 1 (6 layers: local, local, local,
+    global, local, global; window 6; one KV head; QK-norm), weights as ``tiny_llama``'s: the
+    per-layer-type summaries' model. Shared between probes: never modify it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kl._register_attention()
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                           sliding_window=6, query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"])
+    cfg._attn_implementation = kl.ATTN_IMPLEMENTATION
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(dtype=torch.float64)
+    return _fill_weights(model, 0, 0.2).eval()

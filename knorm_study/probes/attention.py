@@ -204,3 +204,33 @@ def findings() -> dict[str, Any]:
               "results": {"summary": _summary(0.2, 0.3, (1.0, 0.5)), "spearman": []}}
     out["not_measured"] = {"findings": attention.findings(record), "headline": attention.headline(record)}
     return out
+
+
+@probe("attention", rtol=FLOAT32_RTOL)
+def per_layer_type() -> dict[str, Any]:
+    """On a hybrid QK-norm model: ``layer_types``, ``spearman_table``'s pre-norm columns,
+    ``attention_lost`` with ``knorm_prenorm``, ``loss_areas_by_type``, the per-type bootstraps
+    (``spearman_by_document``, ``field_difference``, ``area_difference``) and their Markdown
+    (``by_layer_type_text``, ``prenorm_text``) on a record built from them."""
+    from knorm_study import attention
+
+    model = m.tiny_gemma3_hybrid()
+    types = attention.layer_types(model)
+    corr = attention.spearman_table(model, list(_docs()))
+    lost, curve = attention.attention_lost(model, list(_docs()), CONTEXT_LEN, list(KEEP_RATIOS),
+                                           ["knorm", "knorm_prenorm", "random", "high_norm"])
+    by_type = attention.loss_areas_by_type(lost, types)
+    rows, areas = _records(corr), _records(by_type)
+    record = {"parameters": {"keep_ratios": list(KEEP_RATIOS)},
+              "results": {"spearman": corr.to_dict("records"), "layer_types": types,
+                          "loss_areas_by_type": by_type.to_dict("records")}}
+    per_type = {t: {"rho": attention.spearman_by_document(corr.to_dict("records"), "spearman_prenorm", layer_type=t,
+                                                          types=types),
+                    "difference": attention.field_difference(corr.to_dict("records"), "spearman_prenorm", "spearman",
+                                                             t, types),
+                    "area": attention.area_difference(by_type.to_dict("records"), "knorm_prenorm", "knorm", t)}
+                for t in sorted(set(types))}
+    return {"types": types, "llama_types": attention.layer_types(m.tiny_llama()), "rows": rows,
+            "curve": _records(curve), "areas_by_type": areas, "per_type": per_type,
+            "text": attention.by_layer_type_text(record), "prenorm_text": attention.prenorm_text(record),
+            "no_types_text": attention.by_layer_type_text({"results": {"spearman": rows, "loss_areas_by_type": areas}})}

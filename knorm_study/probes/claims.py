@@ -172,3 +172,27 @@ def ledger_views() -> dict:
             "across_reversed": claims.across_models([nothing, other, rec]),
             "column_labels": [claims.column_label(r) for r in (rec, other, nothing)],
             "sources": claims.SOURCES}
+
+
+@probe("claims")
+def qk_norm_and_layer_choice_claims() -> dict:
+    """``qk_norm_claims`` and ``layer_choice_claims``: on synthetic records of a hybrid QK-norm
+    model (02 with pre-norm columns and loss areas, 04's rows with knorm_prenorm and global-only
+    lines), on records without them (a Llama's), and missing."""
+    from knorm_study import claims
+    from knorm_study.probes.quality import _layer_choice_rows
+
+    rec02 = _rec02()
+    qk02 = copy.deepcopy(rec02)
+    for x in qk02["results"]["spearman"]:
+        x["spearman_prenorm"] = x["spearman"] - 0.05
+    qk02["results"]["loss_areas"] += [{**x, "policy": "random", "area_above_oracle": x["area_above_oracle"] + 0.1 + 0.01 * i}
+                                      for i, x in enumerate(qk02["results"]["loss_areas"]) if x["policy"] == "knorm"]
+    rows = _layer_choice_rows()
+    rec04 = {"parameters": {"skip_layers": [0, 1], "policies": ["knorm", "knorm_prenorm"]}, "results": {"rows": rows}}
+    plain04 = {"parameters": {"skip_layers": [0, 1], "policies": ["knorm"]},
+               "results": {"rows": [x for x in rows if "global" not in x["variant"] and x["variant"] != "knorm_prenorm"]}}
+    return {"qk": claims.qk_norm_claims(qk02, rec04, 0.5), "qk_025": claims.qk_norm_claims(qk02, rec04, 0.25),
+            "plain": claims.qk_norm_claims(rec02, plain04, 0.5), "missing": claims.qk_norm_claims(None, None, 0.5),
+            "layers": claims.layer_choice_claims(rec04), "layers_plain": claims.layer_choice_claims(plain04),
+            "layers_missing": claims.layer_choice_claims(None)}

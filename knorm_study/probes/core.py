@@ -225,3 +225,11 @@ def sliding_windows() -> dict[str, Any]:
                                for engine in ("one_pass", "sequential")],
             "numbered_prefill": [_summary(r) for r in kl.sweep(model, x, 20, [
                 kl.EvalConfig(0.5, "knorm", (), "original", mode) for mode in ("cache_relative", "rerotated")])]}
+
+
+@probe("knorm_lib")
+def applicable_policies() -> dict[str, Any]:
+    """``applicable_policies``: knorm_prenorm kept on a QK-norm model, dropped on a Llama."""
+    policies = ["knorm", "knorm_prenorm", "random", "snapkv"]
+    return {"llama": kl.applicable_policies(m.tiny_llama(), policies),
+            "qwen3": kl.applicable_policies(m.tiny_qwen3(), policies)}

@@ -297,3 +297,57 @@ def streaming_script_text() -> dict:
     return {"findings": quality.streaming_findings(record), "headline": quality.streaming_headline(record),
             "findings_no_knorm": quality.streaming_findings(no_knorm),
             "headline_no_knorm": quality.streaming_headline(no_knorm)}
+
+
+def _layer_choice_rows(n_docs: int = 6) -> list[dict[str, Any]]:
+    """Synthetic 04 rows of a hybrid QK-norm model: per protocol and document, the full cache and
+    knorm, knorm_prenorm, random and high_norm on every layer and on global layers only, at keep_ratios
+    0.5 and 0.25, with PPL ratios and KV bytes per layer type (global-only keeps more bytes)."""
+    rng = random.Random(7)
+    rows = []
+    for proto in ("prefill", "streaming"):
+        for d in range(n_docs):
+            full = 10.0 + d
+            local, glob = 900.0, 300.0
+            rows.append({"protocol": proto, "document": f"d{d}", "variant": "full cache", "keep_ratio": 1.0,
+                         "ppl": full, "ppl_ratio": 1.0, "cache_bytes": 1200,
+                         "by_layer_type": {"sliding_attention": {"kv_bytes": local}, "full_attention": {"kv_bytes": glob}}})
+            for k in (0.5, 0.25):
+                for base, cost in (("knorm", 0.04), ("knorm_prenorm", 0.03), ("random", 0.09), ("high_norm", 0.2)):
+                    for suffix, scale, kept_local in (("", 1.0, local * k), (" (global layers)", 0.3, local)):
+                        ratio = 1 + cost * scale * (1 - k) * 4 + 0.004 * rng.random()
+                        rows.append({"protocol": proto, "document": f"d{d}", "variant": base + suffix, "keep_ratio": k,
+                                     "ppl": full * ratio, "ppl_ratio": ratio, "cache_bytes": int(1200 * k),
+                                     "by_layer_type": {"sliding_attention": {"kv_bytes": kept_local},
+                                                       "full_attention": {"kv_bytes": glob * k}}})
+    return rows
+
+
+@probe("quality")
+def layer_choices() -> dict:
+    """``variants`` with a model (a Llama: one choice, knorm_prenorm dropped; a hybrid Gemma 3: the
+    global-only lines), ``kv_fraction``, ``ppl_ratio_at``, ``matched_kv_bytes`` (both protocols,
+    and a reference whose points do not span) and ``layer_choice_text`` on synthetic rows."""
+    from knorm_study import quality
+    from knorm_study.probes import _models as m
+
+    policies = ["knorm", "knorm_prenorm", "random", "streaming"]
+    choice = ["knorm", "knorm_prenorm", "random"]
+    rows = _layer_choice_rows()
+    variant_list = [(label, p, s) for label, p, s in quality.variants(
+        ["knorm", "knorm_prenorm", "random", "high_norm"], SKIP, False, m.tiny_gemma3_hybrid(), ["all", "global"],
+        ["knorm", "knorm_prenorm", "random", "high_norm"])]
+    record = {"parameters": {"keep_ratios": [1.0, 0.5, 0.25]},
+              "results": {"rows": rows, "variants": {"prefill": variant_list, "streaming": variant_list}}}
+    return {"llama": quality.variants(policies, SKIP, True, m.tiny_llama(), ["all", "global"], choice),
+            "hybrid": quality.variants(policies, SKIP, True, m.tiny_gemma3_hybrid(), ["all", "global"], choice),
+            "hybrid_global_first": quality.variants(policies, SKIP, False, m.tiny_gemma3_hybrid(), ["global", "all"], choice),
+            "kv_fraction": [quality.kv_fraction(rows[1], rows[0]), quality.kv_fraction({"cache_bytes": 300}, {"cache_bytes": 1200})],
+            "ppl_ratio_at": {f"{v}@{k}": quality.ppl_ratio_at(rows, "prefill", v, k)
+                             for v in ("knorm", "knorm_prenorm (global layers)", "none") for k in (0.5, 0.25)},
+            "matched": {proto: quality.matched_kv_bytes(rows, proto, "knorm (global layers)", "knorm")
+                        for proto in ("prefill", "streaming")},
+            "matched_reversed": quality.matched_kv_bytes(rows, "prefill", "knorm", "knorm (global layers)"),
+            "text": quality.layer_choice_text(record),
+            "text_without": quality.layer_choice_text({"parameters": {}, "results": {"rows": rows[:1], "variants": {
+                "prefill": [("knorm", "knorm", [0, 1])]}}})}

@@ -64,3 +64,97 @@ def test_findings_state_the_first_layers_verdict_from_the_interval():
                   "sink_attention_mean": 0.3, "fraction_lost": {}, "loss_area_above_oracle": {}}}}
     text = attention.findings(record)
     assert "stronger in the first layers, against the paper's reason" in text and "n = 6 documents" in text
+
+
+def _docs(n_tokens: int = 30, seeds: tuple[int, ...] = (1, 2, 3)):
+    from knorm_lib import TokenizedDoc
+
+    return [("wiki", TokenizedDoc(f"d{s}", torch.randint(0, 100, (1, n_tokens), generator=torch.Generator().manual_seed(s))))
+            for s in seeds]
+
+
+def test_spearman_of_the_key_before_qk_norm_matches_an_independent_computation():
+    """On a QK-norm model (Gemma 3: windows, one KV head) ``spearman_prenorm`` is the Spearman ρ of
+    k_proj's output norms, taken here by a hook on k_proj, with the attention received; a model
+    without QK-norm gets no such column."""
+    from scipy import stats
+
+    from helpers import tiny_family
+
+    model = tiny_family("gemma3_text")[0]
+    docs = _docs()
+    table = attention.spearman_table(model, docs)
+    n_kv, stop = model.config.num_key_value_heads, int(0.9 * 30)
+    for _, doc in docs:
+        outs = {}
+        hooks = [layer.self_attn.k_proj.register_forward_hook(lambda mod, inp, out, i=i: outs.__setitem__(i, out))
+                 for i, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            model(input_ids=doc.input_ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        received = attention.attention_received(model, doc.input_ids)
+        for layer, out in outs.items():
+            norms = out[0].view(out.shape[1], n_kv, -1).norm(dim=-1).T   # (H_kv, n)
+            for head in range(n_kv):
+                want = stats.spearmanr(norms[head, 1:stop].numpy(), received[layer, head, 1:stop].numpy()).statistic
+                got = table[(table.document == doc.title) & (table.layer == layer) & (table.kv_head == head)]
+                assert got.spearman_prenorm.item() == pytest.approx(want, abs=1e-9)
+    assert "spearman_prenorm" not in attention.spearman_table(tiny_family("llama")[0], docs[:1])
+
+
+def test_knorm_prenorm_loses_what_knorm_loses_without_qk_norm_and_areas_split_by_layer_type():
+    """Without QK-norm, knorm_prenorm's attention lost equals knorm's row for row (it ranks the same
+    keys); ``loss_areas_by_type`` on a one-type model equals ``loss_areas``, and on a hybrid model each
+    type's areas equal ``loss_areas`` restricted to that type's layers."""
+    from helpers import tiny_family
+    from knorm_study.probes._models import tiny_gemma3_hybrid
+
+    llama = tiny_family("llama")[0]
+    lost, _ = attention.attention_lost(llama, _docs(), 20, [1.0, 0.5, 0.25], ["knorm", "knorm_prenorm"])
+    a, b = (lost[lost.policy == p].drop(columns="policy").reset_index(drop=True) for p in ("knorm", "knorm_prenorm"))
+    assert a.equals(b)
+    by_type = attention.loss_areas_by_type(lost, attention.layer_types(llama))
+    assert set(by_type.layer_type) == {"full_attention"}
+    assert by_type.drop(columns="layer_type").equals(attention.loss_areas(lost))
+
+    gemma = tiny_gemma3_hybrid()   # layer types past layer 1: local, global, local, global
+    types = attention.layer_types(gemma)
+    assert "sliding_attention" in types and "full_attention" in types
+    lost, _ = attention.attention_lost(gemma, _docs(), 20, [1.0, 0.5, 0.25], ["knorm", "knorm_prenorm", "random"])
+    by_type = attention.loss_areas_by_type(lost, types)
+    for t in set(types):
+        layers = [i for i, x in enumerate(types) if x == t and i >= 2]
+        if not layers:
+            assert by_type[by_type.layer_type == t].empty
+            continue
+        want = attention.loss_areas(lost[lost.layer.isin(layers)])
+        got = by_type[by_type.layer_type == t].drop(columns="layer_type").reset_index(drop=True)
+        assert got.equals(want)
+
+
+def test_prenorm_text_states_the_verdict_the_intervals_give():
+    """Per layer type: ρ(before) − ρ(cached) per document resolved negative reads "tracks attention
+    more closely"; a difference straddling 0 reads "not resolved"; a record without the columns or
+    the layer types gives no text."""
+    types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    rows, areas = [], []
+    for d in range(6):
+        for layer, t in enumerate(types):
+            shift = -0.2 if t == "full_attention" else (0.05 if d % 2 else -0.05)
+            rows.append({"document": f"d{d}", "layer": layer, "kv_head": 0, "spearman": -0.1 + 0.01 * d,
+                         "spearman_position_controlled": -0.1, "spearman_prenorm": -0.1 + 0.01 * d + shift + 0.001 * d,
+                         "spearman_prenorm_position_controlled": -0.1})
+        for t in ("full_attention", "sliding_attention"):
+            areas += [{"document": f"d{d}", "policy": p, "layer_type": t, "area_above_oracle": a + 0.001 * d}
+                      for p, a in (("knorm", 0.2), ("knorm_prenorm", 0.1), ("random", 0.4))]
+    record = {"parameters": {"keep_ratios": [1.0, 0.5]},
+              "results": {"spearman": rows, "layer_types": types, "loss_areas_by_type": areas}}
+    text = attention.prenorm_text(record)
+    glob, local = text.split("; loss area")[0], text.split("local (sliding window) layers:")[1]
+    assert "global (full attention) layers" in glob and "tracks attention more closely" in glob
+    assert "ρ(before) − ρ(cached)" in local and "(not resolved)" in local.split(";")[0]
+    assert "loses less attention" in text
+    table = attention.by_layer_type_text(record)
+    assert "| global (full attention) | 2 |" in table and "| local (sliding window) | 3 |" in table
+    assert attention.by_layer_type_text({"results": {"spearman": rows, "loss_areas_by_type": areas}}) == ""

@@ -56,8 +56,10 @@ def test_ledger_from_constructed_rows_and_missing_records():
     per_token = row("Cutting the cache back")
     assert per_token["verdict"] == "holds" and "+9" in per_token["measured"]   # ~ +96 % over the burst
     missing = [r for r in rows if r["verdict"] == "not measured"]
+    # 04's record itself is missing too: the QK-norm and layer-choice rows read it, not lm_rows
     assert {m["measured"].split()[1] for m in missing} == {"02_attention_correlation", "05_passkey_retrieval",
-                                                         "03_position_order_ppl", "06_speed_tradeoffs"}
+                                                         "03_position_order_ppl", "06_speed_tradeoffs",
+                                                         "04_quality_tradeoffs"}
     few = claims.ledger(_own(2, burst_ppl=10.2), {k: None for k in claims.SOURCES})
     assert all(r["verdict"] in ("not resolved", "not measured") for r in few)
     assert "| **holds** |" in claims.ledger_markdown(rows)
@@ -215,3 +217,30 @@ def test_02_headline_and_findings_state_the_ledger_verdict():
                                                              if x["document"] == rec["results"]["spearman"][0]["document"]]}}
     assert claims.attention_claims(few)[0]["verdict"] == "not resolved"
     assert "not resolved" in attention.headline(few)
+
+
+def _qk_record04(prenorm_shift: float, random_shift: float, n_docs: int = 6):
+    rows = []
+    for d in range(n_docs):
+        for proto in ("prefill", "streaming"):
+            for variant, ppl in (("full cache", 10.0), ("knorm", 12.0), ("knorm_prenorm", 12.0 * (1 + prenorm_shift)),
+                                 ("random", 12.0 * (1 + random_shift))):
+                rows.append({"protocol": proto, "document": f"d{d}", "variant": variant,
+                             "keep_ratio": 1.0 if variant == "full cache" else 0.5, "ppl": ppl * (1 + 0.01 * d)
+                             + 0.001 * d * d})
+    return {"parameters": {"skip_layers": [0, 1], "policies": ["knorm", "knorm_prenorm", "random"]},
+            "results": {"rows": rows}}
+
+
+def test_the_prenorm_claim_needs_knorm_and_random_both_beaten():
+    """"keeps the signal the normalised key lost": holds when knorm_prenorm beats knorm and random
+    (paired by document), fails when either beats it, is not resolved otherwise; a model without
+    QK-norm (no knorm_prenorm rows) gets "not measured"."""
+    verdicts = lambda rec: [r["verdict"] for r in claims.qk_norm_claims(None, rec, 0.5) if r["key"].startswith("qk_norm.prenorm.")]
+    assert verdicts(_qk_record04(-0.1, 0.2)) == ["holds", "holds"]
+    assert verdicts(_qk_record04(+0.1, 0.2)) == ["fails", "fails"]            # knorm better
+    assert verdicts(_qk_record04(-0.1, -0.2)) == ["fails", "fails"]           # random better
+    assert verdicts(_qk_record04(-0.1, 0.2, n_docs=2)) == ["not resolved", "not resolved"]
+    plain = _qk_record04(-0.1, 0.2)
+    plain["results"]["rows"] = [x for x in plain["results"]["rows"] if x["variant"] != "knorm_prenorm"]
+    assert verdicts(plain) == ["not measured", "not measured"]

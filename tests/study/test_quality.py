@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -104,3 +106,42 @@ def test_schedule_variants():
     assert v[0][1] == dict(policy="knorm", keep_ratio=0.5, prune_after=256, skip_layers=(0, 1))
     assert v[-1][1]["recent_window"] == 64 and "prune_after" not in v[-1][1]
     assert len(quality.schedule_variants([0.5], [256], 0, [])) == 1
+
+
+def test_variants_add_the_global_only_lines_on_a_hybrid_model_only():
+    """On a hybrid model each layer-choice policy also runs with global layers only (its local layers
+    skipped too); on a Llama the choices are the same layers, so only the first runs, and
+    knorm_prenorm (no QK-norm there) is dropped rather than run as a copy of knorm."""
+    from helpers import tiny_family
+    from knorm_study.probes._models import tiny_gemma3_hybrid
+
+    policies, choice = ["knorm", "knorm_prenorm", "random"], ["knorm", "knorm_prenorm"]
+    hybrid = quality.variants(policies, [0, 1], False, tiny_gemma3_hybrid(), ["all", "global"], choice)
+    assert hybrid == [("knorm", "knorm", (0, 1)), ("knorm_prenorm", "knorm_prenorm", (0, 1)), ("random", "random", (0, 1)),
+                      ("knorm (global layers)", "knorm", (0, 1, 2, 4)),
+                      ("knorm_prenorm (global layers)", "knorm_prenorm", (0, 1, 2, 4))]
+    llama = quality.variants(policies, [0, 1], True, tiny_family("llama")[0], ["all", "global"], choice)
+    assert [label for label, _, _ in llama] == ["knorm", "knorm (all layers)", "random"]
+    with pytest.raises(ValueError, match="compress_layers"):
+        quality.variants(policies, [0, 1], False, tiny_gemma3_hybrid(), ["all", "local"], choice)
+
+
+def test_matched_kv_bytes_interpolates_the_reference_at_the_same_bytes():
+    """Global-only at 0.9 of the full cache's bytes against every-layer points at 1.0 (the full cache)
+    and 0.8: the reference's log ratio is interpolated halfway, per document, then bootstrapped;
+    a point beyond the reference's range is left out."""
+    def row(doc, variant, k, ratio, local, glob):
+        return {"protocol": "prefill", "document": doc, "variant": variant, "keep_ratio": k, "ppl": 10 * ratio,
+                "ppl_ratio": ratio, "by_layer_type": {"sliding_attention": {"kv_bytes": local},
+                                                      "full_attention": {"kv_bytes": glob}}}
+    rows = []
+    for d in range(5):
+        rows += [row(f"d{d}", "full cache", 1.0, 1.0, 80, 20), row(f"d{d}", "knorm", 0.5, 1.2 + 0.01 * d, 70, 10),
+                 row(f"d{d}", "knorm (global layers)", 0.5, 1.05, 80, 10),
+                 row(f"d{d}", "knorm (global layers)", 0.1, 1.3, 60, 2)]
+    matched = quality.matched_kv_bytes(rows, "prefill", "knorm (global layers)", "knorm")
+    assert [m["keep_ratio"] for m in matched] == [0.5]   # 0.62 of the bytes lies below knorm's 0.8
+    want = [math.log(1.05) - 0.5 * math.log(1.2 + 0.01 * d) for d in range(5)]
+    assert matched[0]["kv_fraction"] == pytest.approx(0.9)
+    assert matched[0]["mean"] == pytest.approx(sum(want) / 5) and matched[0]["n"] == 5
+    assert quality.matched_kv_bytes(rows, "prefill", "random (global layers)", "random") == []
