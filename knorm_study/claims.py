@@ -338,41 +338,120 @@ def column_label(record: dict[str, Any]) -> str:
     return f"{runtime.model_label(record)}{'' if dtype == 'float32' else ', ' + dtype} · {record.get('profile', '?')}"
 
 
-def across_models(records: Sequence[dict[str, Any]]) -> str:
-    """The ledgers of several 07 records side by side (Markdown): each claim once (by its row key, in
-    the first record's order, then any others), one column per record with its verdict, number and
-    n, and under the table each column's protocol sizes, so a claim that fails at one scale and
-    holds at another shows at a glance."""
+def _aligned(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, dict[str, Any]]]]:
+    """The row keys of several 07 records in order (the first record's, then any others) and, per
+    record, its rows by key; a record's "not measured" placeholder (``_missing``: key "passkey")
+    fills the rows it stands for ("passkey.reference.skip (0, 1)", ...) instead of being a row."""
     order: list[str] = []
     cells: list[dict[str, dict[str, Any]]] = []
     for rec in records:
         by_key = {r["key"]: r for r in rec["results"]["ledger"] if "key" in r}
         order += [k for k in by_key if k not in order]
         cells.append(by_key)
-    # a column's "not measured" placeholder (``_missing``: key "passkey") fills the rows it stands
-    # for ("passkey.reference.skip (0, 1)", ...) instead of being a row of its own
     order = [k for k in order if not any(o.startswith(k + ".") for o in order)]
     for c in cells:
         for k in [k for k in order if k not in c]:
             stand_in = next((p for p in c if k.startswith(p + ".") and c[p]["verdict"] == "not measured"), None)
             if stand_in:
                 c[k] = c[stand_in]
+    return order, cells
+
+
+def across_models(records: Sequence[dict[str, Any]]) -> str:
+    """The ledgers of several 07 records side by side (Markdown): each claim once (by its row key, in
+    the first record's order, then any others), one column per record with its verdict, number and
+    n, and under the table each column's protocol sizes, so a claim that fails at one scale and
+    holds at another shows at a glance."""
+    order, cells = _aligned(records)
     measured = lambda k: [c[k] for c in cells if k in c and c[k]["verdict"] != "not measured"]
     first = lambda k: (measured(k) or [c[k] for c in cells if k in c])[0]
     header = ["claim", "protocol", *(column_label(r) for r in records)]
     lines = ["  | " + " | ".join(header) + " |", "  |" + "---|" * len(header)]
     for k in order:
         row = first(k)
-        # the protocol without its sizes (they differ by column; listed under the table)
-        protocol = (", ".join(k.split(".", 2)[1:]) if k.startswith("passkey.")
-                    else row["protocol"].split(",")[0].split("(")[0].strip())
-        lines.append(f"  | {row['claim']} | {protocol} | " + " | ".join(
+        lines.append(f"  | {row['claim']} | {_protocol_name(k, row)} | " + " | ".join(
             "—" if k not in c else f"**not measured**: {c[k]['measured']}" if c[k]["verdict"] == "not measured"
             else f"**{c[k]['verdict']}** {c[k]['measured']} (n = {c[k]['n']})" for c in cells) + " |")
     sizes = [f"  - {column_label(r)}: " + "; ".join(dict.fromkeys(x["protocol"] for x in r["results"]["ledger"]
                                                                  if x["verdict"] != "not measured"))
              for r in records]
     return "\n".join(lines) + "\n\n  Protocols as measured, per column:\n\n" + "\n".join(sizes)
+
+
+def _protocol_name(key: str, row: dict[str, Any]) -> str:
+    """A row's protocol without its sizes (they differ by column; listed under the table)."""
+    return (", ".join(key.split(".", 2)[1:]) if key.startswith("passkey.")
+            else row["protocol"].split(",")[0].split("(")[0].strip())
+
+
+# the verdict matrix's row names, by row key (a key not here: the claim's first words)
+SHORT_CLAIMS = {
+    "lm.bursts": "PPL within 5 % at 50 % eviction: bursts (reference LM)",
+    "lm.prefill": "PPL within 5 % at 50 % eviction: prefill",
+    "lm.per_token": "PPL within 5 % at 50 % eviction: streaming, per token",
+    "lm.high_norm_vs_random": "high-norm eviction worse than random",
+    "lm.per_token_vs_bursts": "per-token cutting hurts more than bursts",
+    "attention.spearman": "low norm ↔ high attention",
+    "attention.spearman_position_controlled": "low norm ↔ high attention, position out",
+    "attention.beyond_sink": "norm signal beyond the attention sink",
+    "qk_norm.signal": "QK-norm: key norm still beats random (attention)",
+    "qk_norm.prenorm.prefill": "QK-norm: key before the norm does better, prefill",
+    "qk_norm.prenorm.streaming": "QK-norm: key before the norm does better, streaming",
+    "layers.global_only.prefill": "windows: global layers only lose less, prefill",
+    "layers.global_only.streaming": "windows: global layers only lose less, streaming",
+    "writeup.positions.plan_b": "write-up: PPL without compression measures it",
+    "writeup.positions.norm_order": "write-up: the jump comes from norm order",
+    "writeup.positions.numbering": "the jump comes from position numbering",
+    "writeup.ttft": "write-up: compression cuts TTFT by 95 %",
+}
+VERDICT_COLOURS = {"holds": "#4c9a5b", "fails": "#c8553d", "not resolved": "#e6c229", "not measured": "#f2f2f2"}
+
+
+def verdict_matrix(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list[list[str]]]:
+    """The ledgers of several 07 records as a grid: row names (``SHORT_CLAIMS``; passkey rows by
+    protocol and skip), column names (``column_label``) and per row, per column, the verdict
+    ("not measured" where a column has no such row)."""
+    order, cells = _aligned(records)
+
+    def name(k: str) -> str:
+        if k in SHORT_CLAIMS:
+            return SHORT_CLAIMS[k]
+        if k.startswith("passkey."):
+            return f"passkey survives 90 %: {', '.join(k.split('.', 2)[1:])}"
+        return " ".join(next(c[k] for c in cells if k in c)["claim"].split()[:8])
+
+    names = [name(k) for k in order]
+    grid = [[c[k]["verdict"] if k in c else "not measured" for c in cells] for k in order]
+    return names, [column_label(r) for r in records], grid
+
+
+def plot_verdict_matrix(records: Sequence[dict[str, Any]]) -> Any:
+    """``verdict_matrix`` as a matplotlib figure: claims down, model · profile across, each cell
+    coloured by its verdict (holds / fails / not resolved / not measured) and labelled."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    names, columns, grid = verdict_matrix(records)
+    codes = [[VERDICTS.index(v) for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(4.5 + 1.6 * len(columns), 1.2 + 0.34 * len(names)))
+    ax.imshow(codes, cmap=ListedColormap([VERDICT_COLOURS[v] for v in VERDICTS]), vmin=0, vmax=len(VERDICTS) - 1,
+              aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v in ("holds", "fails") else "black")
+    ax.set_xticks(range(len(columns)), [c.replace(" · ", "\n") for c in columns], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks([x - 0.5 for x in range(1, len(columns))], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, len(names))], minor=True)
+    ax.grid(which="minor", color="white", lw=2)
+    ax.tick_params(which="minor", length=0)
+    fig.legend(handles=[Patch(color=VERDICT_COLOURS[v], label=v) for v in VERDICTS], loc="lower center",
+               ncols=len(VERDICTS), fontsize=8, frameon=False)
+    ax.set_title("Claims ledger: verdict per model and profile (computed from the recorded numbers)", fontsize=9, pad=28)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 def other_ledgers(record: dict[str, Any], results_dir: Any = None) -> list[dict[str, Any]]:

@@ -488,6 +488,29 @@ The others are read from notebooks 02, 03, 05 and 06.
     return body, claims.headline(res, others)
 
 
+VERDICT_MATRIX = ROOT / "figures" / "verdict_matrix.png"   # README's top figure
+
+
+def write_verdict_matrix(res: dict) -> Path:
+    """The claims ledger of ``res`` (07, full profile) and of every other model and profile recorded
+    under the same rules as one figure (``claims.plot_verdict_matrix``), written atomically to
+    ``VERDICT_MATRIX``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from knorm_study import claims
+
+    fig = claims.plot_verdict_matrix([res, *claims.other_ledgers(res, RESULTS)])
+    tmp = VERDICT_MATRIX.with_name(VERDICT_MATRIX.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png", metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, VERDICT_MATRIX)
+    return VERDICT_MATRIX
+
+
 SECTIONS = {"07_paper_claims": section_07, "00_explore": section_00, "01_norm_distributions": section_01, "02_attention_correlation": section_02,
             "03_position_order_ppl": section_03, "04_quality_tradeoffs": section_04,
             "05_passkey_retrieval": section_05, "06_speed_tradeoffs": section_06, "streaming": section_streaming}
@@ -535,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     runtime.write_text_atomic(target, report)
     if args.profile == "full" and args.model is None:
         replace_block("findings", "".join(headlines))
+        ledger = load("07_paper_claims", "full")
+        if ledger is not None:
+            write_verdict_matrix(ledger)
     if args.reports_dir.resolve() == DEFAULT_REPORTS.resolve():
         replace_block("reports", reports_list())
     print(f"rendered {len(bodies)} section(s) for profile {args.profile!r} into "

@@ -171,6 +171,7 @@ def ledger_views() -> dict:
             "headline": claims.headline(rec), "headline_others": claims.headline(rec, [other, nothing]),
             "across_reversed": claims.across_models([nothing, other, rec]),
             "column_labels": [claims.column_label(r) for r in (rec, other, nothing)],
+            "verdict_matrix": claims.verdict_matrix([rec, other, nothing]),
             "sources": claims.SOURCES}
 
 

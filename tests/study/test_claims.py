@@ -244,3 +244,26 @@ def test_the_prenorm_claim_needs_knorm_and_random_both_beaten():
     plain = _qk_record04(-0.1, 0.2)
     plain["results"]["rows"] = [x for x in plain["results"]["rows"] if x["variant"] != "knorm_prenorm"]
     assert verdicts(plain) == ["not measured", "not measured"]
+
+
+def test_the_verdict_matrix_is_the_ledgers_verdicts_aligned_by_row():
+    """One row per claim key across the records (a placeholder fills the rows it stands for), one
+    column per record, each cell that record's verdict ("not measured" where it has no such row);
+    the figure has a labelled tick per row and column."""
+    passkey = {"parameters": {"sizes": {"protocol_context": 1024}}, "results": {"protocol_claims": [
+        {"protocol": "reference", "skip": "skip (0, 1)", "keep_ratio": 0.1, "accuracy": 0.4, "lo": 0.26, "hi": 0.55,
+         "uncompressed": 1.0, "n": 40, "verdict": "fails"}]}}
+    full = claims.ledger(_own(6, burst_ppl=14.0), {**{k: None for k in claims.SOURCES}, "05": passkey})
+    other = [dict(r, verdict="holds") if r["key"] == "lm.bursts" else r for r in
+             claims.ledger(_own(6, burst_ppl=10.2), {k: None for k in claims.SOURCES}) if r["key"] != "lm.per_token_vs_bursts"]
+    names, columns, grid = claims.verdict_matrix([_record(None, "full", full), _record("big", "paper", other)])
+    assert columns == ["SmolLM2-135M-Instruct · full", "org/big · paper"]
+    row = dict(zip(names, grid))
+    assert row[claims.SHORT_CLAIMS["lm.bursts"]] == ["fails", "holds"]
+    assert row[claims.SHORT_CLAIMS["lm.per_token_vs_bursts"]] == ["holds", "not measured"]
+    assert row["passkey survives 90 %: reference, skip (0, 1)"] == ["fails", "not measured"]
+    assert len(names) == len(set(names)) == len(grid)
+    fig = claims.plot_verdict_matrix([_record(None, "full", full), _record("big", "paper", other)])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names and len(ax.get_xticklabels()) == 2
+    assert sorted(t.get_text() for t in ax.texts) == sorted(v for r in grid for v in r)
