@@ -198,6 +198,47 @@ class Explorer:
                             time.perf_counter() - t0)
 
 
+# ---- the model menu: each model loaded once per kernel ----
+
+_LOADED: dict[str, tuple[Any, Any]] = {}   # a menu entry's name -> (model, tokenizer)
+
+
+def model_choices(model: Any) -> list[tuple[str, str]]:
+    """The explorer's model menu, ``(label, name)``: the model it was opened with, then every
+    embedded model whose files ``make data`` has built (``kl.EMBEDDED_MODELS``), each once."""
+    from pathlib import Path
+
+    opened = str(model.name_or_path)
+    out = [(f"{Path(opened).name} (opened)", opened)]
+    for short in kl.EMBEDDED_MODELS:
+        folder = kl.embedded_model_dir(short)
+        if folder is not None and (folder / "config.json").exists() and folder.resolve() != Path(opened).resolve():
+            out.append((f"{short} (embedded)", str(folder)))
+    return out
+
+
+def load_cached(name: str, like: Any) -> tuple[Any, Any]:
+    """The model and tokenizer ``name`` names (a menu entry), loaded on the device and in the dtype
+    of ``like`` the first time and kept for the kernel's life: switching back costs nothing."""
+    if name not in _LOADED:
+        _LOADED[name] = kl.load_model(name, device=str(like.device), dtype=next(like.parameters()).dtype)
+    return _LOADED[name]
+
+
+def layer_kind_html(model: Any, layer: int) -> str:
+    """What kind of attention ``layer`` has: global, or local with its window (the layer picker's label)."""
+    if layer in kl.sliding_layers(model):
+        return f'<span id="layer-kind">layer {layer}: local (sliding window {model.config.sliding_window})</span>'
+    return f'<span id="layer-kind">layer {layer}: global (full attention)</span>'
+
+
+def policies_for(model: Any) -> list[str]:
+    """The explorer's policies on ``model``: every registered fixed-score policy (knorm_prenorm only
+    where the model has QK-norm: elsewhere it ranks exactly as knorm), then kvpress's presses."""
+    fixed = kl.applicable_policies(model, sorted(kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES)))
+    return fixed + sorted(kl.KVPRESS_POLICIES)
+
+
 class _Cancelled(Exception):
     """Raised in the worker's thread at the next decoder layer once its task is no longer wanted."""
 
@@ -353,7 +394,9 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
 
     ui = Controls(explorer, policy)
     model = explorer.model
+    _LOADED.setdefault(str(model.name_or_path), (model, explorer.tokenizer))
     step = Explorer.KEEP_RATIO_STEP
+    w_model = widgets.Dropdown(options=model_choices(model), value=str(model.name_or_path), description="model")
     w_keep = widgets.FloatSlider(value=keep_ratio, min=step, max=1.0, step=step, description="keep_ratio",
                                  continuous_update=True, readout_format=".2f")
     w_policy = widgets.Dropdown(options=ui.policies, value=policy, description="policy")
@@ -364,6 +407,7 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
     w_skip = widgets.Dropdown(options=skip_options, value=tuple(skip_layers), description="skip_layers")
     w_mode = widgets.Dropdown(options=list(kl.POSITION_MODES), value=position_mode, description="positions")
     w_layer = widgets.IntSlider(value=layer, min=0, max=kl._n_layers(model) - 1, description="layer")
+    w_layer_kind = widgets.HTML(layer_kind_html(model, layer))
     w_head = widgets.IntSlider(value=kv_head, min=0, max=model.config.num_key_value_heads - 1, description="KV head")
     w_text = widgets.Textarea(value=explorer.text[:3000], layout=widgets.Layout(width="100%", height="80px"))
     w_apply = widgets.Button(description="prefill this text")
@@ -390,6 +434,7 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
                 text_out.value = highlight_html(ex.tokens, point.kept[w_layer.value, w_head.value].tolist(), kept_b,
                                                 (setting[1], compare))
             norms_out.value = ui.norm_strip(w_layer.value)
+            w_layer_kind.value = layer_kind_html(ex.model, w_layer.value)
             curve_out.value = curve_svg(ex.points, setting, compare)
             cont = ex.continuations.get(setting)
             gen_out.value = '<div id="continuation">' + ("<i>generating the continuation…</i>" if cont is None else
@@ -408,25 +453,51 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
         if ui.worker is not None and current()[0][2:] == setting[2:]:
             render()
 
-    def new_text(_: Any) -> None:
+    def new_text(_: Any, model: Any = None, tokenizer: Any = None) -> None:
         status.value = "<b>prefilling…</b>"
         ui.worker.stop()
         ex = ui.explorer
-        ui.explorer = Explorer(ex.model, ex.tokenizer, w_text.value, max_tokens=ex.max_tokens)
+        ui.explorer = Explorer(model or ex.model, tokenizer or ex.tokenizer, w_text.value, max_tokens=ex.max_tokens)
         # the current setting's point here, in the thread that just prefilled, before the worker
         # starts: handed to a fresh thread it took 0.1-0.3 s longer on two cores
         ui.explorer.point(current()[0])
         ui.start_worker(on_ready)
         render()
 
+    def new_model(change: Any) -> None:
+        """Another model: loaded once per kernel, the text prefilled again, and the controls that
+        depend on the model (layers, KV heads, the skip_layers menu, the policies) set for it."""
+        status.value = "<b>loading the model…</b>"
+        ui.worker.stop()   # its points belong to the old model
+        model, tokenizer = load_cached(change["new"], ui.explorer.model)
+        with ui.lock, contextlib.ExitStack() as held:
+            for w in (w_policy, w_compare, w_skip, w_layer, w_head):
+                held.enter_context(w.hold_trait_notifications())
+                w.unobserve(render, names="value")
+            ui.policies = policies_for(model)
+            w_policy.options, w_compare.options = ui.policies, ["none"] + ui.policies
+            if w_policy.value not in ui.policies:
+                w_policy.value = "knorm"
+            options = Explorer.skip_options(model)
+            w_skip.options = options
+            w_skip.value = options[0][1]
+            w_layer.max, w_head.max = kl._n_layers(model) - 1, model.config.num_key_value_heads - 1
+            w_layer.value, w_head.value = min(w_layer.value, w_layer.max), min(w_head.value, w_head.max)
+        for w in (w_policy, w_compare, w_skip, w_layer, w_head):
+            w.observe(render, names="value")
+        new_text(None, model, tokenizer)
+
     ui.render = render
     ui.widgets.update(keep_ratio=w_keep, policy=w_policy, compare=w_compare, skip_layers=w_skip, position_mode=w_mode,
-                      layer=w_layer, kv_head=w_head, status=status, metrics=metrics_out)
+                      layer=w_layer, kv_head=w_head, status=status, metrics=metrics_out, model=w_model,
+                      layer_kind=w_layer_kind)
     ui.start_worker(on_ready)
     for w in (w_keep, w_policy, w_compare, w_skip, w_mode, w_layer, w_head):
         w.observe(render, names="value")
     w_apply.on_click(new_text)
-    box = widgets.VBox([widgets.HBox([w_keep, w_policy, w_compare]), widgets.HBox([w_skip, w_mode, w_layer, w_head]),
+    w_model.observe(new_model, names="value")
+    box = widgets.VBox([widgets.HBox([w_model, w_keep, w_policy, w_compare]),
+                        widgets.HBox([w_skip, w_mode, w_layer, w_layer_kind, w_head]),
                         w_text, widgets.HBox([w_apply, status]), metrics_out, curve_out, gen_out, norms_out, text_out])
     render()
     return box, ui
@@ -438,10 +509,7 @@ class Controls:
 
     def __init__(self, explorer: Explorer, policy: str) -> None:
         self.explorer = explorer
-        # knorm_prenorm where the model has QK-norm (elsewhere it ranks exactly as knorm)
-        fixed = kl.POLICIES.keys() - set(kl.DYNAMIC_POLICIES) - set(() if kl.has_qk_norm(explorer.model)
-                                                                      else kl.LAYER_INPUT_POLICIES)
-        self.policies = sorted(fixed) + sorted(kl.KVPRESS_POLICIES)
+        self.policies = policies_for(explorer.model)
         self.lock = threading.RLock()
         self.read_seconds: list[float] = []
         self.worker: GridWorker | None = None

@@ -530,6 +530,12 @@ def _verdict(b: dict[str, Any], better: str, worse: str) -> str:
     return better if b["mean"] < 0 else worse
 
 
+def has_layer_choices(record: dict[str, Any]) -> bool:
+    """04's record compares the layer choices: some variant compresses the global layers only."""
+    suffix = f"({CHOICE_LABELS['global']})"
+    return any(label.endswith(suffix) for vs in _recorded_variants(record).values() for label, _, _ in vs)
+
+
 def layer_choice_text(record: dict[str, Any]) -> str:
     """04 on a hybrid or QK-norm model (Markdown; empty elsewhere): the PPL ratio to the full cache
     of knorm, knorm_prenorm, random and high_norm per protocol and layer choice at keep_ratios 0.5
@@ -539,7 +545,7 @@ def layer_choice_text(record: dict[str, Any]) -> str:
     by_proto = _recorded_variants(record)
     labels = {proto: [label for label, _, _ in vs] for proto, vs in by_proto.items()}
     choice = CHOICE_LABELS["global"]
-    has_choice = any(label.endswith(f"({choice})") for ls in labels.values() for label in ls)
+    has_choice = has_layer_choices(record)
     has_prenorm = any("knorm_prenorm" in ls for ls in labels.values())
     if not (has_choice or has_prenorm):
         return ""

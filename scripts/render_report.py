@@ -237,7 +237,7 @@ keep_ratio must pass too; "—": even the largest compressed keep_ratio fails):
 {quality.findings(res)}
 ![PPL against keep_ratio]({fig_dir}/ppl_vs_keep_ratio.png)
 ![KL heat-strip]({fig_dir}/kl_heatstrip.png)
-"""
+""" + (f"![Layer choices against KV bytes]({fig_dir}/layer_choice_vs_kv_bytes.png)\n" if quality.has_layer_choices(res) else "")
     if r.get("matched_memory"):
         body += f"""
 **Streaming schedules at matched memory** (each line interpolated per document at the kept fraction, then paired

@@ -103,4 +103,9 @@ MUTATIONS = [
       "headline's keep_ratio the lowest instead of the highest compressed"),
     M(P, "METRICS: tuple[str, ...] = (\"ppl\", \"next_token_acc\", \"kl\", \"top1_agree\")",
       "METRICS: tuple[str, ...] = (\"ppl\", \"next_token_acc\", \"kl\")", "knorm_aggregate drops top1_agree"),
+    M(A, "return [kl._layer_type(model, i) for i in range(kl._n_layers(model))]",
+      "return [kl._layer_type(model, i) for i in reversed(range(kl._n_layers(model)))]", "layer_types in reverse order"),
+    M(A, "b = before[layer, head, :stop]", "b = norms[layer, head, :stop]", "spearman_prenorm: the cached key's norm"),
+    M(A, 'text += f"; loss area, knorm_prenorm − knorm, {_ci(a)} ({loss})"',
+      'text += f"; loss area, knorm_prenorm − knorm, {_ci(a)}"', "prenorm_text: the loss-area verdict left out"),
 ]

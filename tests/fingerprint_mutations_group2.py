@@ -105,4 +105,10 @@ REFACTORS = [
         Edit("knorm_study/decode.py", "    out_tokens = [token]\n", "    generated = [token]\n"),
         Edit("knorm_study/decode.py", "        out_tokens.append(token)\n", "        generated.append(token)\n"),
         Edit("knorm_study/decode.py", "return torch.cat(out_tokens, dim=1)", "return torch.cat(generated, dim=1)"))),
+    M("knorm_study/quality.py", 'diffs.append(math.log(x["ppl_ratio"]) - float(np.interp(f, xs, ys)))',
+      'diffs.append(math.log(x["ppl_ratio"]) - float(np.interp(f, xs[::-1], ys)))',
+      "matched_kv_bytes: the reference interpolated against reversed fractions"),
+    M("knorm_study/quality.py", 'out += [(f"{p} ({CHOICE_LABELS[choice]})", p, kl.layers_to_skip(model, skip_layers, choice))',
+      'out += [(f"{p} ({CHOICE_LABELS[choice]})", p, kl.layers_to_skip(model, skip_layers, "all"))',
+      "variants: the global-only lines compress every layer"),
 ]

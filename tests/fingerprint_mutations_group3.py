@@ -59,8 +59,8 @@ MUTATIONS = [
       "Explorer.point: another random policy's seed"),
     M("knorm_study/explore.py", "point.kept[layer, kv_head].tolist()", "point.kept[layer, 0].tolist()",
       "Explorer.view: the kept positions of KV head 0 whatever the head"),
-    M("knorm_study/explore.py", "self.policies = sorted(fixed) + sorted(kl.KVPRESS_POLICIES)",
-      "self.policies = sorted(fixed)", "Controls: the kvpress presses left out of the grid"),
+    M("knorm_study/explore.py", "return fixed + sorted(kl.KVPRESS_POLICIES)",
+      "return fixed", "policies_for: the kvpress presses left out of the grid"),
     M("knorm_study/explore.py", "key=lambda d: -(d.n_tokens or 0))[0].text", "key=lambda d: (d.n_tokens or 0))[0].text",
       "default_text: the shortest wiki article"),
     # ---- speed ----
@@ -130,4 +130,9 @@ MUTATIONS = [
       'n, "fails" if s["trap_warm_change_median"] > -0.4 else', "writeup_claims: another TTFT bar"),
     M("knorm_study/claims.py", "order = [k for k in order if not any(o.startswith(k + \".\") for o in order)]",
       "order = list(order)", "across_models: a placeholder row kept as its own row"),
+    M("knorm_study/claims.py", 'verdict = ("holds" if better(vs_knorm) and better(vs_random) else',
+      'verdict = ("holds" if better(vs_knorm) or better(vs_random) else',
+      "qk_norm_claims: beating knorm or random is enough"),
+    M("knorm_study/claims.py", "        m = matched[-1]\n", "        m = matched[0]\n",
+      "layer_choice_claims: the highest keep_ratio's matched point"),
 ]

@@ -206,11 +206,29 @@ def test_explorer_slider_in_real_browser(jupyterlab):
             own_text.append({"prefill_s": float(prefilled.group(2)),
                              "click_to_first_point_s": (paste["first"] - paste["click"]) / 1e3})
             page.wait_for_timeout(3000)   # the worker fills on meanwhile, as it would while one reads
+
+        # another model from the menu: the embedded Gemma 3 270M (one KV head, local and global
+        # layers, QK-norm), loaded once in this kernel, the same text prefilled again
+        menu = lambda name: page.locator(".widget-dropdown", has=page.locator("label", has_text=re.compile(
+            rf"^{name}$"))).locator("select")
+        page.evaluate("() => { window.__paste = {before: window.__ppl()}; }")
+        t0 = time.perf_counter()
+        menu("model").select_option(label="gemma-3-270m (embedded)")
+        page.wait_for_function("() => window.__ppl() !== null && window.__ppl() !== window.__paste.before",
+                               timeout=300_000)
+        switch_s = time.perf_counter() - t0
+        page.locator("#status", has_text="prefilled").wait_for(timeout=60_000)
+        layer_kind = page.locator("#layer-kind").inner_text()
+        assert re.search(r"layer \d+: (local \(sliding window 512\)|global \(full attention\))", layer_kind)
+        assert "knorm_prenorm" in menu("policy").inner_text()   # QK-norm: the key before the norm is offered
+        assert page.locator("span.kept").count() > 0
+        explorer_ui.screenshot(path=str(shots / "explore_gemma.png"))
         browser.close()
     numbers = {"slider_to_metrics_s": {"median": statistics.median(latencies) / 1e3, "min": min(latencies) / 1e3,
                                        "max": max(latencies) / 1e3, "n": len(latencies)},
                "continuation_arrival_s": continuation_s, "metric_values_seen_during_drag": seen_during_drag,
-               "own_text": {"context_tokens": context, "runs": own_text}}
+               "own_text": {"context_tokens": context, "runs": own_text},
+               "model_switch_s": {"to": "gemma-3-270m", "menu_to_first_point_s": switch_s, "layer_kind": layer_kind}}
     from knorm_study import runtime
 
     numbers.update(machine=runtime.machine_info(), recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -193,7 +193,12 @@ def qk_norm_and_layer_choice_claims() -> dict:
     rec04 = {"parameters": {"skip_layers": [0, 1], "policies": ["knorm", "knorm_prenorm"]}, "results": {"rows": rows}}
     plain04 = {"parameters": {"skip_layers": [0, 1], "policies": ["knorm"]},
                "results": {"rows": [x for x in rows if "global" not in x["variant"] and x["variant"] != "knorm_prenorm"]}}
+    random_better = copy.deepcopy(rec04)
+    for x in random_better["results"]["rows"]:
+        if x["variant"] == "random":
+            x["ppl"] *= 0.8
     return {"qk": claims.qk_norm_claims(qk02, rec04, 0.5), "qk_025": claims.qk_norm_claims(qk02, rec04, 0.25),
+            "qk_random_better": claims.qk_norm_claims(qk02, random_better, 0.5),
             "plain": claims.qk_norm_claims(rec02, plain04, 0.5), "missing": claims.qk_norm_claims(None, None, 0.5),
             "layers": claims.layer_choice_claims(rec04), "layers_plain": claims.layer_choice_claims(plain04),
             "layers_missing": claims.layer_choice_claims(None)}

@@ -100,3 +100,44 @@ def test_on_a_windowed_model_the_skip_menu_offers_the_global_layers():
     fresh = ex.view(0.5, skip_layers=(0, 2), layer=0, kv_head=0, cached=False)
     assert cached.result.summary() == fresh.result.summary() and all(cached.kept)
     assert cached.result.meta["by_layer_type"]["sliding_attention"]["kept_fraction"] == 1.0
+
+
+def test_the_model_menu_switches_models_loading_each_once(tmp_path):
+    """Choosing another model in the explorer's menu loads it once per kernel, prefills the same text
+    again and sets the controls for it: a hybrid model's layer picker says which layers are local,
+    its KV-head slider stops at its one head, its policies add knorm_prenorm (QK-norm) and its
+    skip_layers menu the global layers; switching back reuses the first model object."""
+    import knorm_lib as kl
+    from helpers import _save
+
+    llama_dir = _save(tmp_path, "llama", dict(head_dim=16))
+    gemma_dir = _save(tmp_path, "gemma3_text", dict(head_dim=16, sliding_window=16, num_key_value_heads=1,
+                                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
+    llama, tokenizer = kl.load_model(llama_dir)
+    text = " ".join(f"word{i % 50}" for i in range(120))
+    ex = explore.Explorer(llama, tokenizer, text, max_tokens=64, n_generate=4)
+    box, ui = explore.controls(ex, 0.5, "knorm", (0, 1), "absolute", 1, 1)
+    try:
+        w = ui.widgets
+        assert "knorm_prenorm" not in ui.policies and [v for _, v in w["model"].options][0] == llama_dir
+        assert "global (full attention)" in w["layer_kind"].value
+        w["model"].options = [*w["model"].options, ("tiny gemma", gemma_dir)]
+        w["model"].value = gemma_dir
+        gemma = ui.explorer.model
+        assert type(gemma).__name__ == "Gemma3ForCausalLM" and ui.explorer.text == text
+        assert w["kv_head"].max == 0 and w["kv_head"].value == 0 and w["layer"].max == 2
+        assert "knorm_prenorm" in ui.policies and "knorm_prenorm" in w["policy"].options
+        assert "global layers only" in dict(w["skip_layers"].options)
+        w["layer"].value = 0
+        assert "local (sliding window 16)" in w["layer_kind"].value
+        w["layer"].value = 1
+        assert "global (full attention)" in w["layer_kind"].value
+        ui.worker.join(["knorm"], timeout_s=120)
+        assert ui.explorer.points and all(p.kept.shape[1] == 1 for p in ui.explorer.points.values())
+        w["model"].value = llama_dir
+        assert ui.explorer.model is llama and "knorm_prenorm" not in w["policy"].options
+        w["model"].value = gemma_dir
+        assert ui.explorer.model is gemma   # loaded once
+    finally:
+        ui.worker.stop()
+        explore._LOADED.clear()
