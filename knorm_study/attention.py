@@ -449,6 +449,23 @@ def findings(record: dict[str, Any]) -> str:
 """ + by_layer_type_text(record)
 
 
+def qk_norm_headline(record: dict[str, Any]) -> str:
+    """README's line from 02 on a QK-norm model (empty elsewhere): the norm–attention link per
+    layer type for the cached key and the key before QK-norm (``prenorm_text``)."""
+    from knorm_study import runtime
+
+    r = record["results"]
+    if not r["spearman"] or "spearman_prenorm" not in r["spearman"][0] or not r.get("layer_types"):
+        return ""
+    types = r["layer_types"]
+    parts = [f"{TYPE_NAMES.get(t, t)}: cached key {_ci(spearman_by_document(r['spearman'], 'spearman', layer_type=t, types=types))}, "
+             f"before QK-norm {_ci(spearman_by_document(r['spearman'], 'spearman_prenorm', layer_type=t, types=types))}"
+             for t in _types_in(types)]
+    n = len({x["document"] for x in r["spearman"]})
+    return (f"- **The norm–attention link under QK-norm ({runtime.model_label(record)}, layers ≥ 2, per-document mean "
+            f"Spearman ρ with its 95 % interval, n = {n}):** " + "; ".join(parts) + ". " + prenorm_text(record) + "\n")
+
+
 def headline(record: dict[str, Any]) -> str:
     """README's one-line finding from 02_attention_correlation."""
     s = record["results"]["summary"]

@@ -597,6 +597,45 @@ def layer_choice_text(record: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def layer_choice_headline(record: dict[str, Any], keep_ratio: float = 0.5) -> str:
+    """README's lines from 04 on a QK-norm or hybrid model (empty elsewhere): per protocol, the PPL
+    ratio to the full cache at ``keep_ratio`` of knorm_prenorm, knorm, random and high_norm (every
+    layer outside skip_layers) with intervals and n, knorm_prenorm against knorm paired by document;
+    and global layers only against every layer at matched KV bytes (KnormPress)."""
+    from knorm_study import runtime
+
+    r, model = record["results"], runtime.model_label(record)
+    labels = {label for vs in _recorded_variants(record).values() for label, _, _ in vs}
+    lines = []
+    if "knorm_prenorm" in labels:
+        parts = []
+        for proto in PROTOCOLS:
+            cells = [f"{p} {_ratio_cell(ppl_ratio_at(r['rows'], proto, p, keep_ratio))}"
+                     for p in ("knorm_prenorm", "knorm", "random", "high_norm")]
+            by = {v: _log_ratios(r["rows"], proto, v).get(keep_ratio, {}) for v in ("knorm_prenorm", "knorm")}
+            d = intervals.paired_by_unit(by["knorm_prenorm"], by["knorm"])
+            if not d["n"]:
+                continue
+            verdict = _verdict(d, "knorm_prenorm better", "knorm better")
+            parts.append(f"{proto} ({', '.join(cells)}; knorm_prenorm − knorm in log PPL {d['mean']:+.3f} "
+                         f"[{d['lo']:+.3f}, {d['hi']:+.3f}], n = {d['n']}: {verdict})")
+        lines.append(f"- **KnormPress scored before QK-norm ({model}, keep_ratio {keep_ratio}), PPL over the "
+                     "full cache (geometric mean, 95 % interval):** " + "; ".join(parts) + ".\n")
+    if has_layer_choices(record):
+        parts = []
+        for proto in PROTOCOLS:
+            matched = [m for m in matched_kv_bytes(r["rows"], proto, f"knorm ({CHOICE_LABELS['global']})", "knorm") if m["n"]]
+            if matched:
+                m = matched[-1]
+                parts.append(f"{proto}: global only at keep_ratio {m['keep_ratio']:g} ({m['kv_fraction']:.2f} of the full "
+                             f"cache's KV bytes) minus every layer at the same bytes, log PPL {m['mean']:+.3f} "
+                             f"[{m['lo']:+.3f}, {m['hi']:+.3f}], n = {m['n']}: "
+                             f"{_verdict(m, 'global only loses less', 'every layer loses less')}")
+        lines.append(f"- **Which layers to compress on a hybrid model ({model}, KnormPress):** "
+                     + ("; ".join(parts) if parts else "the two rules' memory ranges do not overlap") + ".\n")
+    return "".join(lines)
+
+
 def _schedule_verdict(row: dict[str, Any]) -> str:
     if "vs_knorm_mean" not in row:
         return ""

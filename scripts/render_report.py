@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         report = re.sub(r"(!\[[^\]]*\]\()(?![a-z]+:|/)", lambda m: f"{m.group(1)}{up}/", report)
     runtime.write_text_atomic(target, report)
     if args.profile == "full" and args.model is None:
-        replace_block("findings", "".join(headlines))
+        replace_block("findings", "".join(headlines) + other_models_headlines())
         ledger = load("07_paper_claims", "full")
         if ledger is not None:
             write_verdict_matrix(ledger)
@@ -565,6 +565,20 @@ def main(argv: list[str] | None = None) -> None:
         replace_block("reports", reports_list())
     print(f"rendered {len(bodies)} section(s) for profile {args.profile!r} into "
           f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+
+
+def other_models_headlines() -> str:
+    """README's findings from the other embedded models' full-profile records (Gemma 3 270M): what
+    only a QK-norm or hybrid model can show (02's link per layer type before and after QK-norm, 04's
+    knorm_prenorm and layer choices); their whole reports are under reports/<slug>/."""
+    import knorm_lib as kl
+    from knorm_study import attention, quality
+
+    out = []
+    for short in kl.EMBEDDED_MODELS[1:]:
+        rec02, rec04 = load("02_attention_correlation", "full", short), load("04_quality_tradeoffs", "full", short)
+        out += [attention.qk_norm_headline(rec02) if rec02 else "", quality.layer_choice_headline(rec04) if rec04 else ""]
+    return "".join(out)
 
 
 def reports_list() -> str:

@@ -234,3 +234,18 @@ def per_layer_type() -> dict[str, Any]:
             "curve": _records(curve), "areas_by_type": areas, "per_type": per_type,
             "text": attention.by_layer_type_text(record), "prenorm_text": attention.prenorm_text(record),
             "no_types_text": attention.by_layer_type_text({"results": {"spearman": rows, "loss_areas_by_type": areas}})}
+
+
+@probe("attention", rtol=FLOAT32_RTOL)
+def qk_norm_headline() -> dict[str, Any]:
+    """``qk_norm_headline`` (README's line on the link before and after QK-norm, per layer type) on
+    the hybrid QK-norm model's three documents, and on a Llama's (no line)."""
+    from knorm_study import attention
+
+    model = m.tiny_gemma3_hybrid()
+    corr = attention.spearman_table(model, list(_docs()))
+    record = {"identity": {"model_name": "org/hybrid"}, "parameters": {"keep_ratios": list(KEEP_RATIOS)},
+              "results": {"spearman": corr.to_dict("records"), "layer_types": attention.layer_types(model),
+                          "loss_areas_by_type": []}}
+    llama = {"identity": {}, "results": {"spearman": _corr().to_dict("records"), "layer_types": ["full_attention"] * 4}}
+    return {"hybrid": attention.qk_norm_headline(record), "llama": attention.qk_norm_headline(llama)}

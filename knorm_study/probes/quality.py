@@ -351,3 +351,20 @@ def layer_choices() -> dict:
             "text": quality.layer_choice_text(record),
             "text_without": quality.layer_choice_text({"parameters": {}, "results": {"rows": rows[:1], "variants": {
                 "prefill": [("knorm", "knorm", [0, 1])]}}})}
+
+
+@probe("quality")
+def layer_choice_headline() -> dict:
+    """``layer_choice_headline`` (README's lines on knorm_prenorm and the layer choices) on the
+    synthetic hybrid rows, at keep_ratios 0.5 and 0.25, and on a record with neither."""
+    from knorm_study import quality
+    from knorm_study.probes import _models as m
+
+    rows = _layer_choice_rows()
+    variant_list = quality.variants(["knorm", "knorm_prenorm", "random", "high_norm"], SKIP, False, m.tiny_gemma3_hybrid(),
+                                    ["all", "global"], ["knorm", "knorm_prenorm", "random", "high_norm"])
+    record = {"identity": {"model_name": "org/hybrid"}, "parameters": {"keep_ratios": [1.0, 0.5, 0.25]},
+              "results": {"rows": rows, "variants": {"prefill": variant_list, "streaming": variant_list}}}
+    plain = {"identity": {}, "parameters": {}, "results": {"rows": rows[:1], "variants": {"prefill": [("knorm", "knorm", [0, 1])]}}}
+    return {"at_05": quality.layer_choice_headline(record), "at_025": quality.layer_choice_headline(record, 0.25),
+            "plain": quality.layer_choice_headline(plain)}
