@@ -540,3 +540,20 @@ def test_the_report_index_links_what_ran_and_names_what_was_skipped(tmp_path):
     index = (tmp_path / "html" / "index.html").read_text()
     assert "No executed notebook here yet" in index and "01_norm_distributions, 02_attention_correlation" in index
     assert "make report FORCE=1" in index
+
+
+def test_the_verdict_matrix_figure_is_written_from_the_ledgers(tmp_path, monkeypatch):
+    """render_report writes README's top figure from the committed ledger and every other one
+    recorded under the same rules, atomically (no temporary file left), and README links it."""
+    record = render_report.load("07_paper_claims", "full")
+    monkeypatch.setattr(render_report, "VERDICT_MATRIX", tmp_path / "figures" / "verdict_matrix.png")
+    path = render_report.write_verdict_matrix(record)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert "](figures/verdict_matrix.png)" in (ROOT / "README.md").read_text()
+
+
+def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, monkeypatch):
+    """README's findings gain the other embedded models' QK-norm and layer-choice lines from their
+    02 and 04 records, and nothing where a model has none."""
+    monkeypatch.setattr(render_report, "RESULTS", tmp_path)
+    assert render_report.other_models_headlines() == ""
