@@ -470,21 +470,20 @@ def controls(explorer: Explorer, keep_ratio: float, policy: str, skip_layers: Se
         status.value = "<b>loading the model…</b>"
         ui.worker.stop()   # its points belong to the old model
         model, tokenizer = load_cached(change["new"], ui.explorer.model)
-        with ui.lock, contextlib.ExitStack() as held:
-            for w in (w_policy, w_compare, w_skip, w_layer, w_head):
-                held.enter_context(w.hold_trait_notifications())
+        controls_ = (w_policy, w_compare, w_skip, w_layer, w_head)
+        with ui.lock:
+            for w in controls_:   # no render per control: one after the new prefill
                 w.unobserve(render, names="value")
+            policy, compare = w_policy.value, w_compare.value   # kept where the new model offers them
             ui.policies = policies_for(model)
             w_policy.options, w_compare.options = ui.policies, ["none"] + ui.policies
-            if w_policy.value not in ui.policies:
-                w_policy.value = "knorm"
-            options = Explorer.skip_options(model)
-            w_skip.options = options
-            w_skip.value = options[0][1]
+            w_policy.value = policy if policy in ui.policies else "knorm"
+            w_compare.value = compare if compare in ui.policies else "none"
+            w_skip.options = Explorer.skip_options(model)
+            w_skip.value = w_skip.options[0][1]
             w_layer.max, w_head.max = kl._n_layers(model) - 1, model.config.num_key_value_heads - 1
-            w_layer.value, w_head.value = min(w_layer.value, w_layer.max), min(w_head.value, w_head.max)
-        for w in (w_policy, w_compare, w_skip, w_layer, w_head):
-            w.observe(render, names="value")
+            for w in controls_:
+                w.observe(render, names="value")
         new_text(None, model, tokenizer)
 
     ui.render = render

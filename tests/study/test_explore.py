@@ -122,7 +122,9 @@ def test_the_model_menu_switches_models_loading_each_once(tmp_path):
         assert "knorm_prenorm" not in ui.policies and [v for _, v in w["model"].options][0] == llama_dir
         assert "global (full attention)" in w["layer_kind"].value
         w["model"].options = [*w["model"].options, ("tiny gemma", gemma_dir)]
+        w["policy"].value, w["compare"].value = "random", "streaming"
         w["model"].value = gemma_dir
+        assert (w["policy"].value, w["compare"].value) == ("random", "streaming")   # kept across the switch
         gemma = ui.explorer.model
         assert type(gemma).__name__ == "Gemma3ForCausalLM" and ui.explorer.text == text
         assert w["kv_head"].max == 0 and w["kv_head"].value == 0 and w["layer"].max == 2
@@ -134,8 +136,10 @@ def test_the_model_menu_switches_models_loading_each_once(tmp_path):
         assert "global (full attention)" in w["layer_kind"].value
         ui.worker.join(["knorm"], timeout_s=120)
         assert ui.explorer.points and all(p.kept.shape[1] == 1 for p in ui.explorer.points.values())
+        w["policy"].value = "knorm_prenorm"
         w["model"].value = llama_dir
         assert ui.explorer.model is llama and "knorm_prenorm" not in w["policy"].options
+        assert w["policy"].value == "knorm"   # not offered without QK-norm: back to knorm
         w["model"].value = gemma_dir
         assert ui.explorer.model is gemma   # loaded once
     finally:
