@@ -479,6 +479,20 @@ def _result_files(notebook: Path, slug: str | None) -> dict[Path, tuple[int, int
     return files
 
 
+ESTIMATE_MARGIN = 3   # a cell may run this many times its whole notebook's estimate before it counts as hung
+
+
+def cell_timeout(profile: str, estimated_s: float | None) -> int:
+    """The per-cell timeout for a notebook estimated at ``estimated_s``: the profile's
+    (``notebook_runner.CELL_TIMEOUT_S``), or ``ESTIMATE_MARGIN`` times the estimate where that is
+    longer. A slower model's cell (Gemma 3 270M's streaming cell in 04's full profile: about 70 min
+    here) is not a hang; the profile's bar alone cut it off at 40 min, and the retry again."""
+    import notebook_runner as runner
+
+    base = runner.CELL_TIMEOUT_S.get(profile, max(runner.CELL_TIMEOUT_S.values()))
+    return max(base, int(ESTIMATE_MARGIN * estimated_s)) if estimated_s else base
+
+
 def run_sequentially(args: argparse.Namespace, notebooks: list[Path], pending: dict[Path, tuple[dict[str, Any], str]],
                      slug: str | None, out_dir: Path, stamps: Path,
                      estimated: dict[str, float] | None = None, forward_s_per_token: float | None = None) -> list[str]:
@@ -502,7 +516,8 @@ def run_sequentially(args: argparse.Namespace, notebooks: list[Path], pending: d
         before = _result_files(nb, slug)
         t0 = time.time()
         try:
-            runner.execute(nb, out_dir / nb.name, nb_parameters, progress=True, results_dir=RESULTS, figures_dir=figures)
+            runner.execute(nb, out_dir / nb.name, nb_parameters, progress=True, results_dir=RESULTS, figures_dir=figures,
+                           cell_timeout_s=cell_timeout(args.profile, (estimated or {}).get(nb.stem)))
         except runner.NotebookFailed as exc:   # report it with its cell, keep going
             failures.append(nb.stem)
             print(f"{prefix}: FAILED after {time.time() - t0:.0f} s: {exc}\n"

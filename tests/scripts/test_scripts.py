@@ -557,3 +557,14 @@ def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, 
     02 and 04 records, and nothing where a model has none."""
     monkeypatch.setattr(render_report, "RESULTS", tmp_path)
     assert render_report.other_models_headlines() == ""
+
+
+def test_a_cell_may_run_three_times_its_notebooks_estimate():
+    """The per-cell timeout is the profile's, or three times the whole notebook's estimate where that
+    is longer (a slow model's long cell is not a hang); without an estimate, the profile's."""
+    import notebook_runner as runner
+
+    assert run_report.cell_timeout("full", None) == runner.CELL_TIMEOUT_S["full"]
+    assert run_report.cell_timeout("full", 100.0) == runner.CELL_TIMEOUT_S["full"]
+    assert run_report.cell_timeout("full", 4440.0) == 3 * 4440 > runner.CELL_TIMEOUT_S["full"]
+    assert run_report.cell_timeout("quick", 30.0) == runner.CELL_TIMEOUT_S["quick"]
