@@ -436,8 +436,9 @@ def findings(record: dict[str, Any]) -> str:
                  f"{speed['max_abs_nll_diff']:.1e}).")
     if r.get("matched_memory"):
         lines.append(schedules_text(record))
-    if layer_choice_text(record):
-        lines.append(layer_choice_text(record))
+    choices = layer_choice_text(record)
+    if choices:
+        lines.append(choices)
     return "\n\n".join(lines) + "\n"
 
 
