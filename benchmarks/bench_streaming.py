@@ -8,10 +8,10 @@ float32, the reference given as ``streaming_sweep`` shares it across a text's co
 skipped layers 0-1 ran once, in the reference forward). Records before 2026-12-04 gave the raw
 logits, so each call recomputed the metric terms (about 0.04 forwards here): knorm, random, high_norm, streaming, bursts (knorm, ``prune_after`` 1000), knorm with a
 64-token recent window, h2o (bars: score-fixed families <= 1.25x, h2o <= 2x). Each library version
-runs in a fresh child process: ``--before`` (a git revision of knorm_lib.py) and the working
-tree, one after the other; inside a process the plain forward is timed next to every family, so
-each ratio comes from one process. Both versions' PPL, per-token NLL and evictions are compared
-bit for bit.
+runs in a fresh child process: ``--before`` (a git revision of knorm_lib, the module or the
+package) and the working tree, one after the other; inside a process the plain forward is timed
+next to every family, so each ratio comes from one process. Both versions' PPL, per-token NLL
+and evictions are compared bit for bit.
 
 Part 2 (``--skip-engines`` leaves it out): the one-pass evaluator against the sequential
 reference, knorm at keep_ratio 0.5, both engines in the same run (bar: one-pass >= 10x faster;
@@ -83,7 +83,8 @@ def child_families(tokens: int, keep_ratio: float, rounds: int) -> None:
     forward's time next to it, and digests of what it computed."""
     import knorm_lib
 
-    assert Path(knorm_lib.__file__).parent == Path(sys.path[0]), knorm_lib.__file__
+    here = Path(knorm_lib.__file__).parent   # knorm_lib.py, or the package knorm_lib/ since the split
+    assert Path(sys.path[0]) in (here, here.parent), knorm_lib.__file__
     model, tok = knorm_lib.load_model()
     ids = knorm_lib.long_documents(tok, "wiki", tokens, 1)[0].input_ids
     if hasattr(knorm_lib, "reference_forward"):
@@ -117,9 +118,12 @@ def families_of(library_dir: Path, args: argparse.Namespace) -> dict:
 def compare_families(args: argparse.Namespace) -> dict:
     """Part 1: per family, the before and after times as ratios to the plain forward of their own process."""
     with tempfile.TemporaryDirectory() as before_dir:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.before}:knorm_lib.py"], check=True,
-                                capture_output=True, text=True).stdout
-        (Path(before_dir) / "knorm_lib.py").write_text(source)
+        # the library as it was: the module knorm_lib.py or (since the split) the package knorm_lib/
+        paths = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", args.before, "knorm_lib.py",
+                                "knorm_lib"], check=True, capture_output=True, text=True).stdout.split()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, *paths], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", before_dir], input=archive, check=True)
         versions = {"before": families_of(Path(before_dir), args), "after": families_of(ROOT, args)}
     table = {}
     for name in FAMILIES:
@@ -254,7 +258,7 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--growth", type=int, nargs="*", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--before", default="50c815c", help="git revision of knorm_lib.py to compare with (part 1)")
+    ap.add_argument("--before", default="50c815c", help="git revision of knorm_lib to compare with (part 1)")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per family and version, after a warm-up")
     ap.add_argument("--skip-engines", action="store_true", help="parts 1 and 3 only")
     ap.add_argument("--skip-architectures", action="store_true", help="leave part 3 out")

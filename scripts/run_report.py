@@ -48,7 +48,7 @@ from knorm_study import runtime  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
-# the library code (knorm_lib.py, knorm_study/) is not hashed: the records' behavioural identity covers it
+# the library code (knorm_lib/, knorm_study/) is not hashed: the records' behavioural identity covers it
 HASHED_INPUTS = ("scripts/notebook_runner.py", "data/manifest.json", "requirements.txt")
 # ... and, for a run on the embedded Gemma (``--model gemma-3-270m``), its own data manifest (only
 # there: the embedded SmolLM2's stamps keep the inputs they had)

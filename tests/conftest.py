@@ -1,4 +1,4 @@
-"""Shared fixtures for the test suite (tests/core mirrors knorm_lib.py's sections, tests/study the
+"""Shared fixtures for the test suite (tests/core mirrors knorm_lib's modules, tests/study the
 knorm_study modules, tests/scripts the scripts; shared helpers and constants are in helpers.py).
 
 * ``tiny64`` / ``tiny32``: a random-weight Llama (4 layers, 4 query heads, 2 KV heads,

@@ -27,10 +27,10 @@ class Mutation:
 
     @property
     def module(self) -> str:
-        """The module whose probes must catch it: ``knorm_lib`` (also for the modules whose names it
-        re-exports) or a knorm_study module's name."""
+        """The module whose probes must catch it: ``knorm_lib`` (any of its modules, and the modules
+        whose names it re-exports) or a knorm_study module's name."""
         name = self.edit.file.removeprefix("knorm_study/").removesuffix(".py")
-        return fingerprint.CORE if name in ("knorm_lib", *fingerprint.CORE_PARTS) else name
+        return fingerprint.CORE if name.startswith("knorm_lib/") or name in fingerprint.CORE_PARTS else name
 
 
 @dataclass(frozen=True)
@@ -43,70 +43,73 @@ def M(file: str, old: str, new: str, what: str) -> Mutation:
     return Mutation(what, Edit(file, old, new))
 
 
-L = "knorm_lib.py"
+# knorm_lib's modules, in reading order
+CHECKS, ATTENTION, POLICIES, COMPRESSION, METRICS, PREFILL, STREAMING = (
+    f"knorm_lib/{name}.py" for name in ("checks", "attention", "policies", "compression", "metrics",
+                                        "prefill_protocol", "streaming_protocol"))
 MUTATIONS: list[Mutation] = [
-    M(L, "by_position = positions.argsort(dim=-1, descending=True, stable=True)",
+    M(COMPRESSION, "by_position = positions.argsort(dim=-1, descending=True, stable=True)",
       "by_position = positions.argsort(dim=-1, descending=False, stable=True)", "tie rule reversed: the oldest kept"),
-    M(L, "return -_norms(kv.keys)", "return _norms(kv.keys)", "knorm keeps the highest norms"),
-    M(L, "return max(1, int(n * (1 - compression_ratio)))", "return max(1, math.ceil(n * (1 - compression_ratio)))",
+    M(POLICIES, "return -_norms(kv.keys)", "return _norms(kv.keys)", "knorm keeps the highest norms"),
+    M(COMPRESSION, "return max(1, int(n * (1 - compression_ratio)))", "return max(1, math.ceil(n * (1 - compression_ratio)))",
       "n_kept: floor -> ceil"),
-    M(L, "length = math.ceil(keep_ratio * length)", "length = math.floor(keep_ratio * length)",
+    M(STREAMING, "length = math.ceil(keep_ratio * length)", "length = math.floor(keep_ratio * length)",
       "bursts: ceil -> floor"),
-    M(L, "(j <= t) & (t <= evict.view(n_heads, 1, n))", "(j <= t) & (t < evict.view(n_heads, 1, n))",
+    M(ATTENTION, "(j <= t) & (t <= evict.view(n_heads, 1, n))", "(j <= t) & (t < evict.view(n_heads, 1, n))",
       "streaming mask: evicted one step early (off by one)"),
-    M(L, "        if layer_idx in skip:\n            return None", "        if layer_idx in skip and layer_idx > 0:\n            return None",
+    M(STREAMING, "        if layer_idx in skip:\n            return None", "        if layer_idx in skip and layer_idx > 0:\n            return None",
       "one-pass engine drops skip layer 0"),
-    M(L, "return budget // 2   # H2O's", "return budget // 2 + 1   # H2O's", "h2o: recent share off by one"),
-    M(L, "torch.where(kv.positions < opts.n_sink,", "torch.where(kv.positions <= opts.n_sink,", "streaming: one sink too many"),
-    M(L, "seed * 0x27D4EB2F", "seed * 0x27D4EB2E", "random policy: another seed mixing"),
-    M(L, "    seed: int = 0\n    n_sink: int = 4\n\n    def validate", "    seed: int = 0\n    n_sink: int = 2\n\n    def validate",
+    M(POLICIES, "return budget // 2   # H2O's", "return budget // 2 + 1   # H2O's", "h2o: recent share off by one"),
+    M(POLICIES, "torch.where(kv.positions < opts.n_sink,", "torch.where(kv.positions <= opts.n_sink,", "streaming: one sink too many"),
+    M(POLICIES, "seed * 0x27D4EB2F", "seed * 0x27D4EB2E", "random policy: another seed mixing"),
+    M(PREFILL, "    seed: int = 0\n    n_sink: int = 4\n\n    def validate", "    seed: int = 0\n    n_sink: int = 2\n\n    def validate",
       "EvalConfig's default n_sink 4 -> 2"),
-    M(L, "- ref_lse + lse", "- ref_lse", "KL drops the log-partition term"),
-    M(L, "return torch.cat([torch.zeros(1, dtype=torch.long), budget[:-1]])", "return budget.clone()",
+    M(METRICS, "- ref_lse + lse", "- ref_lse", "KL drops the log-partition term"),
+    M(STREAMING, "return torch.cat([torch.zeros(1, dtype=torch.long), budget[:-1]])", "return budget.clone()",
       "cache_relative query positions off by one step"),
-    M(L, "return keys.gather(2, gather_idx), values.gather(2, gather_idx)",
+    M(COMPRESSION, "return keys.gather(2, gather_idx), values.gather(2, gather_idx)",
       "return keys.gather(2, gather_idx), keys.gather(2, gather_idx)", "kept values gathered from the keys"),
-    M(L, 'idx = idx.gather(-1, _norms(keys).gather(-1, idx).argsort(dim=-1, stable=True))',
+    M(COMPRESSION, 'idx = idx.gather(-1, _norms(keys).gather(-1, idx).argsort(dim=-1, stable=True))',
       'idx = idx.gather(-1, _norms(keys).gather(-1, idx).argsort(dim=-1, descending=True, stable=True))',
       "by_norm storage order reversed"),
-    M(L, "while window and window[0] <= t - recent_window:", "while window and window[0] < t - recent_window:",
+    M(STREAMING, "while window and window[0] <= t - recent_window:", "while window and window[0] < t - recent_window:",
       "recent window one token wider"),
-    M(L, "rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)",
+    M(COMPRESSION, "rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)",
       "rotated_half = torch.cat((keys[..., half:], -keys[..., :half]), dim=-1)", "re-rotation turns the wrong way"),
-    M(L, "    start = min(cache.lengths())\n    return replace(", "    start = max(cache.lengths())\n    return replace(",
+    M(PREFILL, "    start = min(cache.lengths())\n    return replace(", "    start = max(cache.lengths())\n    return replace(",
       "cache_relative numbers from the longest layer"),
-    M(L, '"mean_cache_fraction": compressed * kept_fraction + (1 - compressed)}',
+    M(STREAMING, '"mean_cache_fraction": compressed * kept_fraction + (1 - compressed)}',
       '"mean_cache_fraction": compressed * kept_fraction}', "cache fraction forgets the skipped layers"),
-    M(L, "if len(set(skip_layers)) >= _n_layers(model):", "if len(set(skip_layers)) > _n_layers(model):",
+    M(PREFILL, "if len(set(skip_layers)) >= _n_layers(model):", "if len(set(skip_layers)) > _n_layers(model):",
       "n_kept reported when every layer is skipped"),
     M("knorm_study/texts.py", "key=lambda d: (-(d.n_tokens or 0), d.title)", "key=lambda d: ((d.n_tokens or 0), d.title)",
       "long_documents takes the shortest articles"),
     M("knorm_study/texts.py", 'add_special_tokens=False', 'add_special_tokens=True', "encode adds special tokens"),
-    M(L, "layer_type = model.config.layer_types[layer_idx] if layer_types else None",
+    M(COMPRESSION, "layer_type = model.config.layer_types[layer_idx] if layer_types else None",
       "layer_type = model.config.layer_types[0] if layer_types else None", "re-rotation with the first layer's RoPE everywhere"),
-    M(L, "return -_norms(kv.keys if before is None else before)", "return -_norms(kv.keys)",
+    M(POLICIES, "return -_norms(kv.keys if before is None else before)", "return -_norms(kv.keys)",
       "knorm_prenorm scores the normalised key"),
-    M(L, "return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)",
+    M(POLICIES, "return keys.view(*keys.shape[:2], kv.keys.shape[1], -1).transpose(1, 2)",
       "return keys.view(*keys.shape[:2], -1, kv.keys.shape[1]).transpose(1, 2)", "knorm_prenorm: heads and dims swapped"),
-    M(L, "visible = (seen >= 0) & (seen < window)", "visible = (seen >= 0) & (seen <= window)",
+    M(ATTENTION, "visible = (seen >= 0) & (seen < window)", "visible = (seen >= 0) & (seen <= window)",
       "a window one key wider in the prefill protocol's continuation"),
-    M(L, "visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]",
+    M(ATTENTION, "visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]",
       "visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0] + 1",
       "a window one key wider in the one-pass engine"),
-    M(L, "seen = max(0, t + 1 - window) if window else 0", "seen = 0",
+    M(STREAMING, "seen = max(0, t + 1 - window) if window else 0", "seen = 0",
       "h2o's one-pass replay ignores the window"),
-    M(L, "return tuple(sorted(skip | set(sliding_layers(model)) if compress == \"global\" else skip))",
+    M(COMPRESSION, "return tuple(sorted(skip | set(sliding_layers(model)) if compress == \"global\" else skip))",
       "return tuple(sorted(skip))", "layers_to_skip: the global rule compresses the local layers too"),
-    M(L, "pos.shape[0] * pos.shape[1] * min(seq_len, window - 1)", "pos.shape[0] * pos.shape[1] * min(seq_len, window)",
+    M(COMPRESSION, "pos.shape[0] * pos.shape[1] * min(seq_len, window - 1)", "pos.shape[0] * pos.shape[1] * min(seq_len, window)",
       "footprint: a local layer offers its whole window"),
-    M(L, "visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]",
+    M(ATTENTION, "visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]",
       "visible &= visible.flip(-1).cumsum(-1).flip(-1) < window[0]", "one pass by cache slots: a window one key short"),
-    M(L, "return replace(cache, positions=[_slots(p, start) for p in cache.positions]), start", "return cache, start",
+    M(PREFILL, "return replace(cache, positions=[_slots(p, start) for p in cache.positions]), start", "return cache, start",
       "cache_relative continuation: a window over true positions instead of cache slots"),
-    M(L, "return [p for p in policies if p not in LAYER_INPUT_POLICIES or has_qk_norm(model)]",
+    M(POLICIES, "return [p for p in policies if p not in LAYER_INPUT_POLICIES or has_qk_norm(model)]",
       "return [p for p in policies if p not in LAYER_INPUT_POLICIES or not has_qk_norm(model)]",
       "applicable_policies: knorm_prenorm only where there is no QK-norm"),
-    M(L, 'cache.knorm_positions = [p if p is None or cfg.position_mode == "absolute" else _slots(p, position)',
+    M(STREAMING, 'cache.knorm_positions = [p if p is None or cfg.position_mode == "absolute" else _slots(p, position)',
       "cache.knorm_positions = [p if True else _slots(p, position)",
       "sequential engine: a cache-length numbering's window over true positions"),
 ]
@@ -115,19 +118,19 @@ _INTERVALS = (Path(__file__).resolve().parents[1] / "knorm_study" / "intervals.p
 _BOOTSTRAP = _INTERVALS[_INTERVALS.index("def paired_bootstrap("):_INTERVALS.index("def paired_by_unit(")]
 _KV_BYTES = "2 * model.config.num_key_value_heads * _head_dim(model) * next(model.parameters()).element_size()"
 REFACTORS: list[Refactor] = [
-    Refactor("a local renamed (eviction_steps' caps -> capacity)", (Edit(L, "caps", "capacity", count=7),)),
+    Refactor("a local renamed (eviction_steps' caps -> capacity)", (Edit(STREAMING, "caps", "capacity", count=7),)),
     Refactor("an expression factored into a helper (KV bytes per token)", (
-        Edit(L, f"kv_bytes_per_token = {_KV_BYTES}", "kv_bytes_per_token = _kv_bytes_per_token(model)"),
-        Edit(L, "def _nothing_evicted(", f"def _kv_bytes_per_token(model: Any) -> int:\n    return {_KV_BYTES}\n\n\n"
+        Edit(STREAMING, f"kv_bytes_per_token = {_KV_BYTES}", "kv_bytes_per_token = _kv_bytes_per_token(model)"),
+        Edit(STREAMING, "def _nothing_evicted(", f"def _kv_bytes_per_token(model: Any) -> int:\n    return {_KV_BYTES}\n\n\n"
                                         "def _nothing_evicted("))),
     Refactor("reformatting (one return spread over lines)", (
-        Edit(L, "return max(1, int(n * (1 - compression_ratio)))",
+        Edit(COMPRESSION, "return max(1, int(n * (1 - compression_ratio)))",
              "return max(\n        1,\n        int(n * (1 - compression_ratio)),\n    )"),)),
     Refactor("a docstring and a comment rewritten", (
-        Edit(L, '"""KnormPress: keep the lowest key norms."""', '"""KnormPress: the lowest key norms are kept."""'),
-        Edit(L, "# float32 on purpose", "# in float32, on purpose"))),
+        Edit(POLICIES, '"""KnormPress: keep the lowest key norms."""', '"""KnormPress: the lowest key norms are kept."""'),
+        Edit(POLICIES, "# float32 on purpose", "# in float32, on purpose"))),
     Refactor("a loop as a generator expression (_first_compressed)", (
-        Edit(L, "    skip, i = set(skip_layers), 0\n    while i in skip:\n        i += 1\n    return i",
+        Edit(PREFILL, "    skip, i = set(skip_layers), 0\n    while i in skip:\n        i += 1\n    return i",
              "    skip = set(skip_layers)\n    return next(i for i in range(len(skip) + 1) if i not in skip)"),)),
     Refactor("a function moved to another module (intervals.paired_bootstrap -> knorm_study/bootstrap.py)", (
         Edit("knorm_study/intervals.py", _BOOTSTRAP, "from knorm_study.bootstrap import paired_bootstrap  # noqa: E402\n\n\n"),
@@ -136,7 +139,7 @@ REFACTORS: list[Refactor] = [
              + _BOOTSTRAP.replace("    import numpy as np\n", "    import numpy as np\n\n"
                                   "    from knorm_study.intervals import MIN_BOOTSTRAP_UNITS\n", 1)))),
     Refactor("the tie rule's two sorts named", (
-        Edit(L, "    by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)\n"
+        Edit(COMPRESSION, "    by_score = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)\n"
                 "    return by_position.gather(-1, by_score)[..., :n_keep]",
              "    ranked = scores.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)\n"
              "    return by_position.gather(-1, ranked)[..., :n_keep]"),)),

@@ -1,4 +1,4 @@
-"""Probes of knorm_lib.py (see knorm_study/fingerprint.py): every policy, both protocols, the three
+"""Probes of knorm_lib (see knorm_study/fingerprint.py): every policy, both protocols, the three
 position modes, both storage orders, skip layers, bursts, recent windows, the one-pass engine's
 block boundaries, exact ties, the metrics, the budget rules and the text data."""
 

@@ -42,6 +42,11 @@ def _point(ex, setting) -> dict:
             "kept_layer2": [torch.nonzero(p.kept[2, h]).flatten().tolist() for h in range(p.kept.shape[1])]}
 
 
+def _in_library(fn: object) -> bool:
+    """``fn`` (a registered policy, or None for a kvpress press) is knorm_lib's, not a study module's."""
+    return getattr(fn, "__module__", "knorm_lib").split(".")[0] == "knorm_lib"
+
+
 @probe("explore")
 def explorer_points() -> dict:
     """``Explorer`` on a 56-token text: the context split (``score_fraction`` 0.25 and 0.4), the
@@ -115,7 +120,7 @@ def grid_and_controls() -> dict:
     text = explore.default_text()
     # the registry holds what the imported modules registered (attention's ``sink_random`` once
     # knorm_study.attention is imported, as other probes do): 00 imports none of them
-    elsewhere = {n for n, fn in kl.POLICIES.items() if getattr(fn, "__module__", "knorm_lib") != "knorm_lib"}
+    elsewhere = {n for n, fn in kl.POLICIES.items() if not _in_library(fn)}
     return {"grid": list(E.GRID), "step": E.KEEP_RATIO_STEP, "skip_options": [[n, list(s)] for n, s in E.SKIP_OPTIONS],
             "policies": [p for p in ui.policies if p not in elsewhere], "grid_full_policies": sorted(grid),
             "grid_seconds_knorm": grid.get("knorm"),
@@ -135,5 +140,5 @@ def qk_norm_policies() -> dict:
 
     def offered(model):
         policies = explore.Controls(type("FakeExplorer", (), {"model": model})(), "knorm").policies
-        return [p for p in policies if getattr(kl.POLICIES.get(p), "__module__", "knorm_lib") == "knorm_lib"]
+        return [p for p in policies if _in_library(kl.POLICIES.get(p))]
     return {"qk_norm": offered(_models.tiny_qwen3()), "llama": offered(_models.tiny_llama())}

@@ -31,10 +31,9 @@ WORKERS = 2
 
 
 def _copy_with(edits: tuple[Edit, ...], dest: Path) -> Path:
-    """The project's code (knorm_lib.py, knorm_study/, notebooks/, scripts/) under ``dest`` with
+    """The project's code (knorm_lib/, knorm_study/, notebooks/, scripts/) under ``dest`` with
     ``edits`` applied; data/ stays where it is (``KNORM_DATA_DIR``)."""
-    shutil.copy(ROOT / "knorm_lib.py", dest / "knorm_lib.py")
-    for folder in ("knorm_study", "notebooks", "scripts"):
+    for folder in ("knorm_lib", "knorm_study", "notebooks", "scripts"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     for edit in edits:
         path = dest / edit.file
