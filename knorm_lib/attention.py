@@ -89,14 +89,13 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     recorder = _ATTN_RECORDER.get()
     if window and evict is None and recorder is None and q_len == k_len > 1 and key.shape[0] == 1:
         evict = torch.full(key.shape[1:3], k_len, dtype=torch.long)   # a forward without a cache: in blocks too
+    windowed = (window, positions[0][0], by_slot) if window else None
     if evict is not None and recorder is None:
-        return _streaming_attention(query, key, value, evict, scaling,
-                                    window and (window, positions[0][0], by_slot)), None
-    mask = streaming_mask(evict.to(query.device), query.dtype) if evict is not None else None
+        return _streaming_attention(query, key, value, evict, scaling, windowed), None
+    mask = streaming_mask(evict.to(query.device), query.dtype, window=windowed) if evict is not None else None
     is_causal = False
     if window:   # a predicate on positions: 0 <= p - j < window (and, streaming, not yet evicted)
         if evict is not None:
-            mask = streaming_mask(evict.to(query.device), query.dtype, window=(window, positions[0][0], by_slot))
             visible = mask[None] == 0
         else:
             q_pos, k_pos = positions

@@ -226,6 +226,20 @@ def test_h2o_replay_respects_the_window(family, models):
     assert_rel(one.nll, seq.nll, 1e-9, f"{family} h2o")
 
 
+def test_recording_attention_changes_nothing_under_eviction(family, models):
+    """Reading attention (``recording_attention``, the attention studies) during a one-pass
+    streaming run leaves every NLL as it was: the recorded path applies the same evictions and
+    windows as the fused one, and what it records sums to one over visible keys only."""
+    model, _ = models
+    x = ids()
+    plain = kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=(), engine="one_pass")
+    rows: list[torch.Tensor] = []
+    with kl.recording_attention(lambda layer, probs: rows.append(probs)):
+        recorded = kl.streaming_ppl(model, x, keep_ratio=0.5, skip_layers=(), engine="one_pass")
+    assert rows, family
+    assert_rel(recorded.nll, plain.nll, 1e-9, f"{family} recorded vs plain")
+
+
 def test_softcapping_is_refused_by_name(tmp_path):
     """Gemma 2 as published (attention logit softcapping 50) is refused at load time, naming the feature."""
     from transformers import AutoConfig, AutoModelForCausalLM
