@@ -66,6 +66,26 @@ def grouped_decoding(enabled: bool = True) -> contextlib.AbstractContextManager:
     return _using(_GROUPED_DECODE, enabled)
 
 
+def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None,
+                   window: tuple[int, torch.Tensor, bool] | None = None) -> torch.Tensor:
+    """Additive mask per KV head ``(H_kv, n, n)``: key ``j`` visible to query ``t`` iff ``j <= t <= evict[j]``;
+    ``rows=(start, stop)``: only queries ``start <= t < stop``. A sliding-window layer,
+    ``window=(w, positions, by_slot)``: and ``positions[t] - positions[j] < w`` (tokens at ``positions``), or,
+    ``by_slot`` (new tokens numbered by the cache's length), fewer than ``w`` cached keys in ``(j, t]``:
+    the slots the model numbered, as the sequential engine holds them."""
+    n_heads, n = evict.shape
+    start, stop = rows or (0, n)
+    t = torch.arange(start, stop, device=evict.device).view(1, stop - start, 1)
+    j = torch.arange(n, device=evict.device).view(1, 1, n)
+    visible = (j <= t) & (t <= evict.view(n_heads, 1, n))
+    if window is not None and window[2]:
+        visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]   # cached keys in [j, t]
+    elif window is not None:
+        pos = window[1].to(evict.device)
+        visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]
+    return torch.where(visible, 0.0, float("-inf")).to(dtype)
+
+
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -276,23 +296,3 @@ def _n_layers(model: Any) -> int:
 def _head_dim(model: Any) -> int:
     cfg = model.config
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def streaming_mask(evict: torch.Tensor, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None,
-                   window: tuple[int, torch.Tensor, bool] | None = None) -> torch.Tensor:
-    """Additive mask per KV head ``(H_kv, n, n)``: key ``j`` visible to query ``t`` iff ``j <= t <= evict[j]``;
-    ``rows=(start, stop)``: only queries ``start <= t < stop``. A sliding-window layer,
-    ``window=(w, positions, by_slot)``: and ``positions[t] - positions[j] < w`` (tokens at ``positions``), or,
-    ``by_slot`` (new tokens numbered by the cache's length), fewer than ``w`` cached keys in ``(j, t]``:
-    the slots the model numbered, as the sequential engine holds them."""
-    n_heads, n = evict.shape
-    start, stop = rows or (0, n)
-    t = torch.arange(start, stop, device=evict.device).view(1, stop - start, 1)
-    j = torch.arange(n, device=evict.device).view(1, 1, n)
-    visible = (j <= t) & (t <= evict.view(n_heads, 1, n))
-    if window is not None and window[2]:
-        visible &= visible.flip(-1).cumsum(-1).flip(-1) <= window[0]   # cached keys in [j, t]
-    elif window is not None:
-        pos = window[1].to(evict.device)
-        visible &= (pos[start:stop].view(1, -1, 1) - pos[:n].view(1, 1, n)) < window[0]
-    return torch.where(visible, 0.0, float("-inf")).to(dtype)
