@@ -637,6 +637,27 @@ def layer_choice_headline(record: dict[str, Any], keep_ratio: float = 0.5) -> st
     return "".join(lines)
 
 
+def baselines_headline(record: dict[str, Any], keep_ratio: float = 0.5) -> str:
+    """README's line from another model's 04: does KnormPress beat random and high-norm eviction?
+    Per protocol, knorm minus each in log perplexity at ``keep_ratio``, paired by document, with
+    the interval, n and the verdict (empty when neither was run beside knorm)."""
+    from knorm_study import runtime
+
+    parts = []
+    for proto in PROTOCOLS:
+        found = {c["variant"]: c for c in paired_comparisons(record["results"]["rows"], proto, keep_ratio)
+                 if c["variant"] in ("random", "high_norm")}
+        cells = [f"{v} {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+                 f"({_verdict(c, 'knorm better', f'{v} better')}, n = {c['n']})" for v, c in sorted(found.items())]
+        if cells:
+            parts.append(f"{proto}: " + ", ".join(cells))
+    if not parts:
+        return ""
+    return (f"- **Does KnormPress beat random and high-norm eviction? ({runtime.model_label(record)}, keep_ratio "
+            f"{keep_ratio}, every layer outside skip_layers; knorm minus each in log PPL, paired by document, "
+            "95 % interval; negative: knorm better):** " + "; ".join(parts) + ".\n")
+
+
 def _schedule_verdict(row: dict[str, Any]) -> str:
     if "vs_knorm_mean" not in row:
         return ""

@@ -568,16 +568,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def other_models_headlines() -> str:
-    """README's findings from the other embedded models' full-profile records (Gemma 3 270M): what
-    only a QK-norm or hybrid model can show (02's link per layer type before and after QK-norm, 04's
-    knorm_prenorm and layer choices); their whole reports are under reports/<slug>/."""
+    """README's findings from the other embedded models' full-profile records (Gemma 3 270M): 04's
+    KnormPress against random and high-norm, and what only a QK-norm or hybrid model can show (02's
+    link per layer type before and after QK-norm, 04's knorm_prenorm and layer choices); their whole
+    reports are under reports/<slug>/."""
     import knorm_lib as kl
     from knorm_study import attention, quality
 
     out = []
     for short in kl.EMBEDDED_MODELS[1:]:
         rec02, rec04 = load("02_attention_correlation", "full", short), load("04_quality_tradeoffs", "full", short)
-        out += [attention.qk_norm_headline(rec02) if rec02 else "", quality.layer_choice_headline(rec04) if rec04 else ""]
+        out += [attention.qk_norm_headline(rec02) if rec02 else "",
+                quality.baselines_headline(rec04) + quality.layer_choice_headline(rec04) if rec04 else ""]
     return "".join(out)
 
 

@@ -368,3 +368,16 @@ def layer_choice_headline() -> dict:
     plain = {"identity": {}, "parameters": {}, "results": {"rows": rows[:1], "variants": {"prefill": [("knorm", "knorm", [0, 1])]}}}
     return {"at_05": quality.layer_choice_headline(record), "at_025": quality.layer_choice_headline(record, 0.25),
             "plain": quality.layer_choice_headline(plain)}
+
+
+@probe("quality")
+def baselines_headline() -> dict:
+    """``baselines_headline`` (README's line on knorm against random and high_norm) on the synthetic
+    hybrid rows at keep_ratios 0.5 and 0.25, and on a record with knorm alone."""
+    from knorm_study import quality
+
+    rows = _layer_choice_rows()
+    record = {"identity": {"model_name": "org/hybrid"}, "results": {"rows": rows}}
+    alone = {"identity": {}, "results": {"rows": [x for x in rows if x["variant"] in ("knorm", "full cache")]}}
+    return {"at_05": quality.baselines_headline(record), "at_025": quality.baselines_headline(record, 0.25),
+            "alone": quality.baselines_headline(alone)}

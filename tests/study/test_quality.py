@@ -145,3 +145,23 @@ def test_matched_kv_bytes_interpolates_the_reference_at_the_same_bytes():
     assert matched[0]["kv_fraction"] == pytest.approx(0.9)
     assert matched[0]["mean"] == pytest.approx(sum(want) / 5) and matched[0]["n"] == 5
     assert quality.matched_kv_bytes(rows, "prefill", "random (global layers)", "random") == []
+
+
+def test_baselines_headline_says_which_policy_wins_per_protocol():
+    """README's line for another model: knorm minus random and high_norm in log PPL, paired by
+    document; a verdict only where the interval excludes 0, and nothing when neither was run."""
+    rows = []
+    for d in range(12):
+        wobble = 0.01 * ((d * 7) % 5 - 2)
+        for proto, ppl in (("prefill", {"knorm": 12.0, "random": 10.0, "high_norm": 12.0 * math.exp(0.05 if d % 2 else -0.05)}),
+                           ("streaming", {"knorm": 10.0, "random": 20.0, "high_norm": 30.0})):
+            for variant, value in ppl.items():
+                rows.append({"protocol": proto, "variant": variant, "keep_ratio": 0.5, "document": f"doc{d}",
+                             "ppl": value * (1 + wobble)})
+    line = quality.baselines_headline({"identity": {"model_name": "org/other"}, "results": {"rows": rows}})
+    prefill, streaming = line.split("prefill: ")[1].split("; streaming: ")
+    assert f"random {math.log(1.2):+.3f}" in prefill and "(random better, n = 12)" in prefill
+    assert "(not resolved, n = 12)" in prefill   # high_norm: the differences straddle 0
+    assert "(knorm better, n = 12)" in streaming and f"high_norm {math.log(1 / 3):+.3f}" in streaming
+    assert quality.baselines_headline({"identity": {}, "results": {"rows": [
+        r for r in rows if r["variant"] == "knorm"]}}) == ""
