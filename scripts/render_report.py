@@ -569,9 +569,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def other_models_headlines() -> str:
     """README's findings from the other embedded models' full-profile records (Gemma 3 270M): 04's
-    KnormPress against random and high-norm, and what only a QK-norm or hybrid model can show (02's
-    link per layer type before and after QK-norm, 04's knorm_prenorm and layer choices); their whole
-    reports are under reports/<slug>/."""
+    KnormPress against random and high-norm, what only a QK-norm or hybrid model can show (02's
+    link per layer type before and after QK-norm, 04's knorm_prenorm and layer choices), and the
+    lines of the default model's headlines from 03 (the position bug), 05 (passkey) and 06 (speed)
+    that name the model (the others would read as the default model's); their whole reports are
+    under reports/<slug>/."""
     import knorm_lib as kl
     from knorm_study import attention, quality
 
@@ -580,6 +582,10 @@ def other_models_headlines() -> str:
         rec02, rec04 = load("02_attention_correlation", "full", short), load("04_quality_tradeoffs", "full", short)
         out += [attention.qk_norm_headline(rec02) if rec02 else "",
                 quality.baselines_headline(rec04) + quality.layer_choice_headline(rec04) if rec04 else ""]
+        for notebook in ("03_position_order_ppl", "05_passkey_retrieval", "06_speed_tradeoffs"):
+            rec = load(notebook, "full", short)
+            lines = SECTIONS[notebook](rec)[1].splitlines(keepends=True) if rec else []
+            out += [line for line in lines if runtime.model_label(rec) in line]
     return "".join(out)
 
 

@@ -553,10 +553,22 @@ def test_the_verdict_matrix_figure_is_written_from_the_ledgers(tmp_path, monkeyp
 
 
 def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, monkeypatch):
-    """README's findings gain the other embedded models' QK-norm and layer-choice lines from their
-    02 and 04 records, and nothing where a model has none."""
+    """README's findings gain the other embedded models' lines from the records they have (02's
+    QK-norm line, 03's position-bug line, naming the model), and nothing where a model has none."""
+    import knorm_lib as kl
+
     monkeypatch.setattr(render_report, "RESULTS", tmp_path)
     assert render_report.other_models_headlines() == ""
+    short = kl.EMBEDDED_MODELS[1]
+    for notebook in ("02_attention_correlation", "03_position_order_ppl"):
+        target = tmp_path / notebook / short / "full.json"
+        target.parent.mkdir(parents=True)
+        target.write_text((ROOT / "data" / "results" / notebook / short / "full.json").read_text())
+    text = render_report.other_models_headlines()
+    assert text.count(f"({short},") == 1 and text.count(f"On {short} (prefill protocol") == 1
+    assert "norm–attention link under QK-norm" in text and "perplexity jump is a position bug" in text
+    assert "Passkey retrieval" not in text and "Does KnormPress beat random" not in text
+    assert "KnormPress with true positions" not in text   # 03's line that does not name its model
 
 
 def test_a_cell_may_run_three_times_its_notebooks_estimate():
