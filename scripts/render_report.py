@@ -96,9 +96,9 @@ Defaults: keep_ratio {s['keep_ratio']}, policy {s['policy']}, skip_layers {s['sk
 positions; context {r['context_len']} tokens, {s['n_scored']} scored. PPL {s['ppl']:.3f}, next-token accuracy
 {s['next_token_acc']:.3f}, KL {s['kl']:.4f}; greedy continuation matches the full cache for
 {r['agreement']['matching_prefix']} tokens. {_explorer_latency(r)}{_browser_latency(res)}
-
-![explorer](figures/explore.png)
 """
+    if not res.get("identity", {}).get("model_slug"):   # the screenshot is of the embedded model's explorer
+        body += "\n![explorer](figures/explore.png)\n"
     return body, ""
 
 

@@ -552,6 +552,17 @@ def test_the_verdict_matrix_figure_is_written_from_the_ledgers(tmp_path, monkeyp
     assert "](figures/verdict_matrix.png)" in (ROOT / "README.md").read_text()
 
 
+def test_only_the_embedded_models_report_shows_the_explorer_screenshot():
+    """figures/explore.png is the browser test's shot of the embedded model's explorer: another
+    model's 00 section does not link it as its own."""
+    import knorm_lib as kl
+
+    own = render_report.load("00_explore", "full")
+    other = render_report.load("00_explore", "full", kl.EMBEDDED_MODELS[1])
+    assert "](figures/explore.png)" in render_report.section_00(own)[0]
+    assert "explore.png" not in render_report.section_00(other)[0]
+
+
 def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, monkeypatch):
     """README's findings gain the other embedded models' lines from the records they have (02's
     QK-norm line, 03's position-bug line, naming the model), and nothing where a model has none."""
