@@ -426,6 +426,27 @@ def prenorm_text(record: dict[str, Any]) -> str:
             + "; ".join(parts) + ".") if parts else ""
 
 
+def signal_by_type_headline(record: dict[str, Any]) -> str:
+    """README's line from 02 on a hybrid model (empty with one layer type): per layer type, does
+    evicting by the cached key's norm lose less attention than random eviction? knorm's
+    attention-loss area minus random's, per document, bootstrapped, in words decided by the
+    interval."""
+    from knorm_study import intervals, runtime
+
+    r = record["results"]
+    areas, types = r.get("loss_areas_by_type") or [], r.get("layer_types") or []
+    parts = []
+    for t in _types_in(types) if len(set(types)) > 1 else []:
+        a = area_difference(areas, "knorm", "random", t)
+        if a is not None:
+            verdict = {"holds": "knorm loses less", "fails": "knorm loses more",
+                       "not resolved": "no difference resolved"}[intervals.negative(a)]
+            parts.append(f"{TYPE_NAMES.get(t, t)} layers {_ci(a)}, n = {a['n']} ({verdict})")
+    return (f"- **Does the cached key's norm beat random eviction on each layer type? ({runtime.model_label(record)}, "
+            "layers ≥ 2; attention-loss area above the oracle, knorm minus random, paired by document, 95 % "
+            "interval; negative: knorm loses less attention):** " + "; ".join(parts) + ".\n") if parts else ""
+
+
 def findings(record: dict[str, Any]) -> str:
     """What the numbers say (Markdown), from a recorded result of 02_attention_correlation (the
     whole JSON record): the notebook's last cell and REPORT.md's section both print this."""

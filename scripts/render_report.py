@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
 def other_models_headlines() -> str:
     """README's findings from the other embedded models' full-profile records (Gemma 3 270M): 04's
     KnormPress against random and high-norm, what only a QK-norm or hybrid model can show (02's
-    link per layer type before and after QK-norm, 04's knorm_prenorm and layer choices), and the
+    link per layer type before and after QK-norm and knorm against random per layer type, 04's
+    knorm_prenorm and layer choices), and the
     lines of the default model's headlines from 03 (the position bug), 05 (passkey) and 06 (speed)
     that name the model (the others would read as the default model's); their whole reports are
     under reports/<slug>/."""
@@ -580,7 +581,7 @@ def other_models_headlines() -> str:
     out = []
     for short in kl.EMBEDDED_MODELS[1:]:
         rec02, rec04 = load("02_attention_correlation", "full", short), load("04_quality_tradeoffs", "full", short)
-        out += [attention.qk_norm_headline(rec02) if rec02 else "",
+        out += [attention.qk_norm_headline(rec02) + attention.signal_by_type_headline(rec02) if rec02 else "",
                 quality.baselines_headline(rec04) + quality.layer_choice_headline(rec04) if rec04 else ""]
         for notebook in ("03_position_order_ppl", "05_passkey_retrieval", "06_speed_tradeoffs"):
             rec = load(notebook, "full", short)

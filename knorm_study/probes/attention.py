@@ -249,3 +249,22 @@ def qk_norm_headline() -> dict[str, Any]:
                           "loss_areas_by_type": []}}
     llama = {"identity": {}, "results": {"spearman": _corr().to_dict("records"), "layer_types": ["full_attention"] * 4}}
     return {"hybrid": attention.qk_norm_headline(record), "llama": attention.qk_norm_headline(llama)}
+
+
+@probe("attention")
+def signal_by_type_headline() -> dict[str, Any]:
+    """``signal_by_type_headline`` (README's line on knorm against random per layer type) on a
+    hand-built hybrid record of eight documents (knorm below random on global layers, tied on
+    local ones), and on one layer type (no line)."""
+    from knorm_study import attention
+
+    docs = list("abcdefgh")
+    areas = [{"document": d, "layer_type": t, "policy": pol, "area_above_oracle": v + 0.01 * i}
+             for i, d in enumerate(docs)
+             for t, pols in (("full_attention", {"knorm": 0.1, "random": 0.3}),
+                             ("sliding_attention", {"knorm": 0.2 + 0.02 * (-1) ** i, "random": 0.2}))
+             for pol, v in pols.items()]
+    record = {"identity": {"model_name": "org/hybrid", "model_slug": "org--hybrid"},
+              "results": {"loss_areas_by_type": areas, "layer_types": ["sliding_attention", "full_attention"]}}
+    one_type = {"identity": {}, "results": {"loss_areas_by_type": areas, "layer_types": ["full_attention"] * 2}}
+    return {"hybrid": attention.signal_by_type_headline(record), "one_type": attention.signal_by_type_headline(one_type)}

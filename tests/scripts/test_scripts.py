@@ -565,7 +565,8 @@ def test_only_the_embedded_models_report_shows_the_explorer_screenshot():
 
 def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, monkeypatch):
     """README's findings gain the other embedded models' lines from the records they have (02's
-    QK-norm line, 03's position-bug line, naming the model), and nothing where a model has none."""
+    QK-norm and per-layer-type lines, 03's position-bug line, naming the model), and nothing where
+    a model has none."""
     import knorm_lib as kl
 
     monkeypatch.setattr(render_report, "RESULTS", tmp_path)
@@ -576,8 +577,9 @@ def test_other_embedded_models_add_their_findings_only_where_recorded(tmp_path, 
         target.parent.mkdir(parents=True)
         target.write_text((ROOT / "data" / "results" / notebook / short / "full.json").read_text())
     text = render_report.other_models_headlines()
-    assert text.count(f"({short},") == 1 and text.count(f"On {short} (prefill protocol") == 1
+    assert text.count(f"({short},") == 2 and text.count(f"On {short} (prefill protocol") == 1
     assert "norm–attention link under QK-norm" in text and "perplexity jump is a position bug" in text
+    assert "beat random eviction on each layer type" in text
     assert "Passkey retrieval" not in text and "Does KnormPress beat random" not in text
     assert "KnormPress with true positions" not in text   # 03's line that does not name its model
 

@@ -158,3 +158,27 @@ def test_prenorm_text_states_the_verdict_the_intervals_give():
     table = attention.by_layer_type_text(record)
     assert "| global (full attention) | 2 |" in table and "| local (sliding window) | 3 |" in table
     assert attention.by_layer_type_text({"results": {"spearman": rows, "loss_areas_by_type": areas}}) == ""
+
+
+def test_signal_by_type_headline_says_per_layer_type_whether_knorm_beats_random():
+    """knorm's loss area minus random's, per document and layer type: resolved below 0 reads "knorm
+    loses less", above 0 "knorm loses more", straddling 0 "no difference resolved"; a model with
+    one layer type gives no line."""
+    areas = []
+    for d in range(6):
+        for t, knorm in (("full_attention", 0.30 + (0.02 if d % 2 else -0.02)), ("sliding_attention", 0.1),
+                         ("chunked_attention", 0.5)):
+            areas += [{"document": f"d{d}", "layer_type": t, "policy": "knorm", "area_above_oracle": knorm + 0.001 * d},
+                      {"document": f"d{d}", "layer_type": t, "policy": "random", "area_above_oracle": 0.3}]
+    record = {"identity": {"model_name": "org/hybrid", "model_slug": "org--hybrid"},
+              "results": {"loss_areas_by_type": areas,
+                          "layer_types": ["sliding_attention", "full_attention", "chunked_attention"]}}
+    line = attention.signal_by_type_headline(record)
+    parts = dict(part.split(" layers ", 1) for part in line.split(":** ")[1].rstrip(".\n").split("; "))
+    assert "(org/hybrid," in line and set(parts) == {"global (full attention)", "local (sliding window)",
+                                                     "chunked_attention"}
+    assert parts["global (full attention)"].endswith("n = 6 (no difference resolved)")
+    assert parts["local (sliding window)"].startswith("-0.197 [") and parts["local (sliding window)"].endswith("(knorm loses less)")
+    assert parts["chunked_attention"].endswith("(knorm loses more)")
+    one_type = {"identity": {}, "results": {"loss_areas_by_type": areas, "layer_types": ["full_attention"] * 3}}
+    assert attention.signal_by_type_headline(one_type) == ""
