@@ -569,12 +569,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def other_models_headlines() -> str:
     """README's findings from the other embedded models' full-profile records (Gemma 3 270M): 04's
-    KnormPress against random and high-norm, what only a QK-norm or hybrid model can show (02's
+    KnormPress against random and high-norm; what only a QK-norm or hybrid model can show (02's
     link per layer type before and after QK-norm and knorm against random per layer type, 04's
-    knorm_prenorm and layer choices), and the
-    lines of the default model's headlines from 03 (the position bug), 05 (passkey) and 06 (speed)
-    that name the model (the others would read as the default model's); their whole reports are
-    under reports/<slug>/."""
+    knorm_prenorm and layer choices); and the lines of 03's (position bug), 05's (passkey) and
+    06's (speed) headlines that name the model, since the others would read as the default
+    model's. Their whole reports are under reports/<slug>/."""
     import knorm_lib as kl
     from knorm_study import attention, quality
 
